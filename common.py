@@ -1,0 +1,690 @@
+"""What every method file shares: CelebA in every layout, the synthetic demo CelebA, image output.
+
+Nothing method-specific lives here. The five method files (attgan.py, dual_transfer.py, cgan.py,
+feature_ae.py, mad.py) import this module for exactly three things:
+
+1. **Reading CelebA** whatever shape it arrived in (`load_celeba`): the official release, the
+   torchvision folder, the Kaggle copy, a flat csv variant, or the synthetic demo set. Images are
+   decoded, cropped and resized ONCE into a uint8 cache; training batches then come from that
+   tensor (`get_batch`), moved to the GPU as uint8 and converted there, so data loading never
+   limits training.
+2. **The synthetic demo CelebA** (`demo_root`, `make_demo`, `render_counterfactual`): procedurally
+   drawn faces in the official file layout, with identities, pose, expression and landmarks, and
+   the ability to draw the same face with one attribute changed (a ground-truth edit).
+3. **Image output**: labelled grids, GIFs and loss curves (`save_grid`, `save_gif`,
+   `plot_metrics`), built on torchvision's make_grid, matplotlib and PIL.
+
+Command line (a quick look at a dataset, and the CelebA download helper):
+
+    python common.py info ./celeba            # layout, counts, partitions, attribute rates
+    python common.py info demo                # the synthetic set (generated on first use)
+    python common.py download ./celeba        # tries torchvision; else says what to fetch by hand
+    python common.py bench --data demo        # loader throughput in img/s (cache -> device)
+
+Preprocessing convention (AttGAN's for aligned CelebA, used by every method unless it says
+otherwise): a centre square crop of side 170 in official 178x218 pixels, resized to the model size,
+images in [-1, 1]. Crops are given in official pixels and scale with the image, so the official
+half-size release (89x109) gets an 85x85 crop of the same face region.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import difflib
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+CELEBA_ATTRS = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
+    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows",
+    "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones",
+    "Male", "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin",
+    "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair",
+    "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace",
+    "Wearing_Necktie", "Young",
+)
+OFFICIAL_SIZE = (218, 178)  # (H, W) of the official aligned images; crops are given in these pixels
+LANDMARK_NAMES = ("lefteye", "righteye", "nose", "leftmouth", "rightmouth")
+SPLITS = ("train", "val", "test", "all")
+CACHE_VERSION = 1  # bump when the cached pixels would change
+
+
+class InputError(ValueError):
+    """Bad input from the user (a path, an attribute name, a file, a checkpoint). The scripts print
+    it as one line without a traceback."""
+
+
+def cache_root() -> Path:
+    """Where demo sets and uint8 image caches live: $FACE_ATTR_CACHE, else .cache beside this file."""
+    return Path(os.environ.get("FACE_ATTR_CACHE") or Path(__file__).resolve().parent / ".cache")
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding the files: five layouts, detected automatically
+# ------------------------------------------------------------------------------------------------
+# Each layout is (name, image folder, folder holding the annotation files), relative to --data.
+# Annotation files are looked up by stem in that folder, as .txt (official format: a count line,
+# a header line, then rows) or .csv (Kaggle format: a header row `image_id,...`).
+LAYOUTS = (
+    ("kaggle", "img_align_celeba/img_align_celeba", "."),
+    ("torchvision", "celeba/img_align_celeba", "celeba"),
+    ("official", "img_align_celeba", "."),
+)
+ANNOTATIONS = {  # stem -> what it holds
+    "list_attr_celeba": "40 binary attributes",
+    "identity_CelebA": "identity of each image",
+    "list_eval_partition": "official train/val/test split",
+    "list_landmarks_align_celeba": "5 landmarks in the aligned images",
+    "list_bbox_celeba": "face boxes (of the in-the-wild images)",
+}
+
+
+@dataclass
+class Layout:
+    """Where one dataset's files are. `files` maps an annotation stem to its path (if present)."""
+    name: str
+    root: Path
+    image_dir: Path
+    files: dict
+
+
+def find_layout(data) -> Layout:
+    """Detect which of the known layouts `data` is ('demo' / 'demo:N' generate the demo set)."""
+    if str(data) == "demo" or str(data).startswith("demo:"):
+        layout = find_layout(demo_root(str(data)))
+        return dataclasses.replace(layout, name="demo")
+    root = Path(data).expanduser()
+    if not root.is_dir():
+        raise InputError(f"data folder not found: {root} (expected a CelebA folder, or 'demo')")
+    for name, image_dir, anno_dir in LAYOUTS:
+        files = {}
+        for stem in ANNOTATIONS:
+            for ext in (".txt", ".csv"):
+                if (root / anno_dir / (stem + ext)).is_file():
+                    files[stem] = root / anno_dir / (stem + ext)
+                    break
+        if (root / image_dir).is_dir() and "list_attr_celeba" in files:
+            if name == "official" and files["list_attr_celeba"].suffix == ".csv":
+                name = "csv"  # flat folder with Kaggle-style csv annotations
+            return Layout(name, root, root / image_dir, files)
+    tried = "; ".join(f"{name}: {image_dir}/ + list_attr_celeba.txt|.csv" + (
+        f" in {anno_dir}/" if anno_dir != "." else "") for name, image_dir, anno_dir in LAYOUTS)
+    raise InputError(f"no CelebA layout found in {root} (tried {tried}; or use --data demo)")
+
+
+def read_annotation(path) -> tuple[list[str], dict[str, list[str]]]:
+    """Read one annotation file in either format -> (column names, {file name: values as str}).
+
+    Official .txt: [count line], header line, `000001.jpg v1 v2 ...` (identity and partition files
+    have neither count nor header). Kaggle .csv: header `image_id,...`, then rows.
+    """
+    path = Path(path)
+    with open(path, newline="") as f:
+        if path.suffix == ".csv":
+            rows = list(csv.reader(f))
+            header, rows = rows[0][1:], rows[1:]
+        else:
+            rows = [line.split() for line in f if line.strip()]
+            header = []
+            if rows and len(rows[0]) == 1 and rows[0][0].isdigit():  # count line
+                rows = rows[1:]
+            if rows and not rows[0][0].lower().endswith((".jpg", ".png", ".jpeg")):  # header line
+                header = rows[0][1:] if rows[0][0] == "image_id" else rows[0]
+                rows = rows[1:]
+    return header, {row[0]: row[1:] for row in rows if row}
+
+
+# ------------------------------------------------------------------------------------------------
+# Attribute names
+# ------------------------------------------------------------------------------------------------
+def resolve_attrs(names, available=CELEBA_ATTRS) -> list[str]:
+    """Check attribute names (case-insensitive), in the order given; an unknown name raises an
+    InputError that suggests the closest valid name and lists them all."""
+    by_lower = {a.lower(): a for a in available}
+    resolved = []
+    for name in names:
+        if name.lower() not in by_lower:
+            close = difflib.get_close_matches(name, list(available), n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise InputError(f"unknown attribute {name!r}{hint}; valid names: {', '.join(available)}")
+        resolved.append(by_lower[name.lower()])
+    return resolved
+
+
+# ------------------------------------------------------------------------------------------------
+# Preprocessing: one function used by the cache, direct decodes and a user's own photo
+# ------------------------------------------------------------------------------------------------
+def crop_box(width, height, crop=170) -> tuple[float, float, float, float]:
+    """The centre square crop, given in official 178-px-wide pixels and scaled to this image's
+    width, as a (left, top, right, bottom) box in float pixels; crop=None keeps the full frame."""
+    if crop is None:
+        return (0.0, 0.0, float(width), float(height))
+    side = min(crop * width / OFFICIAL_SIZE[1], width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return (left, top, left + side, top + side)
+
+
+def _size_hw(img_size) -> tuple[int, int]:
+    return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+
+
+def preprocess(image, img_size=128, crop=170) -> torch.Tensor:
+    """PIL image (or uint8 (3, H, W) tensor) -> uint8 (3, h, w): centre crop, then resize.
+
+    A JPEG that is not yet loaded is decoded at a reduced DCT scale when the crop is at least
+    twice the output (PIL's draft mode), which is several times faster and visually the same.
+    """
+    if isinstance(image, torch.Tensor):
+        image = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    out_h, out_w = _size_hw(img_size)
+    left, top, right, bottom = crop_box(*image.size, crop)
+    if getattr(image, "format", None) == "JPEG" and image.tile:  # opened, not yet decoded
+        full_w = image.size[0]
+        image.draft("RGB", (math.ceil(out_w * image.size[0] / (right - left)),
+                            math.ceil(out_h * image.size[1] / (bottom - top))))
+        scale = image.size[0] / full_w  # draft may have decoded at 1/2, 1/4 or 1/8 scale
+        left, top, right, bottom = (v * scale for v in (left, top, right, bottom))
+    image = image.convert("RGB").resize((out_w, out_h), Image.Resampling.BICUBIC,
+                                        box=(left, top, right, bottom))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+
+
+def _decode(path, img_size, crop):
+    """Decode one file -> (uint8 (3, h, w), original (W, H)); None for a corrupt/truncated file."""
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            return preprocess(image, img_size, crop), size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def load_photo(path, img_size=128, crop=170) -> torch.Tensor:
+    """A user's own photo (jpg/png, any size) -> (1, 3, h, w) float in [-1, 1].
+
+    An image with CelebA's aligned aspect ratio (178:218, within 3 %) gets exactly the training
+    crop. Any other photo gets a centre square crop of its short side: put the face in the middle,
+    filling most of the frame, for results like the training data's.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path} (expected a .jpg or .png file)")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            width, height = image.size
+            if abs(width / height - OFFICIAL_SIZE[1] / OFFICIAL_SIZE[0]) > 0.03 * width / height:
+                side = min(width, height)  # not CelebA-aligned: square centre crop
+                image = image.crop(((width - side) // 2, (height - side) // 2,
+                                    (width + side) // 2, (height + side) // 2))
+                crop = None if crop is None else OFFICIAL_SIZE[1]
+            return to_float(preprocess(image, img_size, crop)).unsqueeze(0)
+    except (OSError, SyntaxError) as err:
+        raise InputError(f"cannot read image {path}: {err} (expected a .jpg or .png file)") from err
+
+
+def to_float(images) -> torch.Tensor:
+    """uint8 in [0, 255] -> float32 in [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images) -> torch.Tensor:
+    """float in [-1, 1] -> uint8 in [0, 255] (clamped, rounded)."""
+    return images.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------------------
+# The uint8 cache: decode + crop + resize once, reuse across runs
+# ------------------------------------------------------------------------------------------------
+def build_cache(image_dir, files, img_size, crop, verbose=True) -> dict:
+    """Decode `files` (names in image_dir) in parallel into one uint8 tensor, stored under
+    cache_root()/images/ with a key made of everything that determines the pixels (folder, file
+    names and sizes, crop, size, cache version); a later run with the same key just loads it.
+
+    Returns {"images": (N, 3, h, w) uint8, "files": kept names, "orig_sizes": (N, 2) (W, H),
+    "corrupt": names that could not be decoded (skipped, counted, never a crash mid-training)}.
+    """
+    image_dir = Path(image_dir).resolve()
+    stats = [(name, (image_dir / name).stat().st_size) for name in files]
+    key = hashlib.sha1(json.dumps([CACHE_VERSION, str(image_dir), stats, list(_size_hw(img_size)),
+                                   crop]).encode()).hexdigest()[:16]
+    path = cache_root() / "images" / f"{key}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=True, mmap=True)
+    out_h, out_w = _size_hw(img_size)
+    images = torch.empty((len(files), 3, out_h, out_w), dtype=torch.uint8)
+    sizes = torch.zeros((len(files), 2), dtype=torch.int32)
+    ok = torch.zeros(len(files), dtype=torch.bool)
+    start, done = time.time(), 0
+    # PIL releases the GIL while decoding and resizing, so threads use every core.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for i, result in enumerate(pool.map(lambda n: _decode(image_dir / n, img_size, crop),
+                                            files, chunksize=64)):
+            if result is not None:
+                images[i], sizes[i] = result[0], torch.tensor(result[1])
+                ok[i] = True
+            done += 1
+            if verbose and (done % 5000 == 0 or done == len(files)):
+                rate = done / max(time.time() - start, 1e-9)
+                print(f"\rcaching images: {done}/{len(files)} ({rate:.0f} img/s)", end="",
+                      file=sys.stderr, flush=True)
+    if verbose and files:
+        print(file=sys.stderr)
+    cache = {"images": images[ok].contiguous(), "files": [f for f, k in zip(files, ok) if k],
+             "orig_sizes": sizes[ok], "corrupt": [f for f, k in zip(files, ok) if not k]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    torch.save(cache, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent or crashed build never leaves half a cache
+    return cache
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a split
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class FaceData:
+    """One split of a dataset, fully in memory: uint8 images plus per-image annotations."""
+    images: torch.Tensor  # (N, 3, H, W) uint8 RGB, cropped and resized
+    labels: torch.Tensor  # (N, A) float32 in {0, 1}, columns = attr_names
+    attr_names: list
+    files: list  # '000123.jpg' for each row
+    identities: torch.Tensor | None  # (N,) int64, None without identity_CelebA
+    landmarks: torch.Tensor | None  # (N, 5, 2) (x, y) in output pixels, None without the file
+    root: Path
+    layout: str
+    split: str
+    img_size: tuple
+
+
+def fallback_split(files, identities, seed=0) -> list[str]:
+    """A deterministic 80/10/10 train/val/test assignment. With identities, whole identities are
+    assigned (shuffled by `seed`, filling train to 80 % of the images, then val to 90 %), so no
+    person appears in two parts; without, single images are."""
+    groups = {}
+    for name, ident in zip(files, identities if identities is not None else files):
+        groups.setdefault(ident, []).append(name)
+    keys = sorted(groups)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    split_of, seen = {}, 0
+    for k in order:
+        part = "train" if seen < 0.8 * len(files) else "val" if seen < 0.9 * len(files) else "test"
+        for name in groups[keys[k]]:
+            split_of[name] = part
+        seen += len(groups[keys[k]])
+    return [split_of[name] for name in files]
+
+
+def _map_landmarks(points, orig_sizes, img_size, crop):
+    """Official landmarks (x, y in the 178x218 frame) -> pixels of the cropped, resized image."""
+    out_h, out_w = _size_hw(img_size)
+    mapped = torch.empty_like(points)
+    for i, (width, height) in enumerate(orig_sizes.tolist()):
+        sx, sy = width / OFFICIAL_SIZE[1], height / OFFICIAL_SIZE[0]
+        left, top, right, bottom = crop_box(width, height, crop)
+        mapped[i, :, 0] = (points[i, :, 0] * sx - left) * out_w / (right - left)
+        mapped[i, :, 1] = (points[i, :, 1] * sy - top) * out_h / (bottom - top)
+    return mapped
+
+
+def load_celeba(data, attrs=None, split="train", img_size=128, crop=170, verbose=True) -> FaceData:
+    """Load one split of CelebA (any layout, or 'demo' / 'demo:N') as a FaceData.
+
+    data: a folder or 'demo' (200 identities x 30 images) or 'demo:N' (N identities).
+    attrs: attribute names in the order wanted (None = all 40); labels become 0/1 floats.
+    split: 'train' | 'val' | 'test' | 'all'. The official partition is used when it covers the
+        images present and leaves no part empty; otherwise a deterministic identity-disjoint
+        80/10/10 split (fallback_split), with a notice.
+    img_size: int (square) or (H, W). crop: centre crop side in official pixels, None = full frame.
+
+    Only images that exist AND have a label row are used; missing ones, unlabelled ones and
+    corrupt ones are counted in one printed line.
+    """
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    layout = find_layout(data)
+    header, attr_rows = read_annotation(layout.files["list_attr_celeba"])
+    header = header or list(CELEBA_ATTRS)
+    attr_names = resolve_attrs(attrs if attrs is not None else header, header)
+    columns = [header.index(a) for a in attr_names]
+
+    on_disk = {p.name for p in layout.image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
+    files = sorted(on_disk & attr_rows.keys())
+    if not files:
+        raise InputError(f"none of the {len(attr_rows)} labelled images is in {layout.image_dir}")
+    cache = build_cache(layout.image_dir, files, img_size, crop, verbose)
+    files = cache["files"]
+    if verbose:
+        notes = [f"{len(files)} of {len(attr_rows)} labelled images found in {layout.image_dir}"
+                 f" ({layout.name} layout)"]
+        if len(on_disk) > len(on_disk & attr_rows.keys()):
+            notes.append(f"{len(on_disk - attr_rows.keys())} unlabelled images ignored")
+        if cache["corrupt"]:
+            notes.append(f"{len(cache['corrupt'])} corrupt images skipped")
+        print("; ".join(notes), file=sys.stderr)
+
+    identities = None
+    if "identity_CelebA" in layout.files:
+        _, rows = read_annotation(layout.files["identity_CelebA"])
+        if all(f in rows for f in files):
+            identities = torch.tensor([int(rows[f][0]) for f in files])
+    partition = None
+    if "list_eval_partition" in layout.files:
+        _, rows = read_annotation(layout.files["list_eval_partition"])
+        if all(f in rows for f in files):
+            partition = [("train", "val", "test")[int(rows[f][0])] for f in files]
+            if len(set(partition)) < 3:
+                partition = None
+    if partition is None:
+        if verbose and split != "all":
+            why = "no partition file" if "list_eval_partition" not in layout.files else \
+                "the official partition leaves a part empty for the images present"
+            by = "by identity" if identities is not None else "by image (no identity file)"
+            print(f"note: {why}; using a deterministic 80/10/10 split {by}", file=sys.stderr)
+        partition = fallback_split(files, identities.tolist() if identities is not None else None)
+    keep = torch.tensor([split == "all" or p == split for p in partition])
+
+    labels = torch.tensor([[float(attr_rows[f][c]) > 0 for c in columns] for f in files],
+                          dtype=torch.float32).reshape(len(files), len(columns))
+    landmarks = None
+    if "list_landmarks_align_celeba" in layout.files:
+        _, rows = read_annotation(layout.files["list_landmarks_align_celeba"])
+        if all(f in rows for f in files):
+            points = torch.tensor([[float(v) for v in rows[f]] for f in files]).view(-1, 5, 2)
+            landmarks = _map_landmarks(points, cache["orig_sizes"], img_size, crop)[keep]
+    return FaceData(
+        images=cache["images"][keep], labels=labels[keep], attr_names=attr_names,
+        files=[f for f, k in zip(files, keep.tolist()) if k],
+        identities=None if identities is None else identities[keep], landmarks=landmarks,
+        root=layout.root, layout=layout.name, split=split, img_size=_size_hw(img_size))
+
+
+def to_device(data: FaceData, device) -> FaceData:
+    """Move the tensors of a FaceData to `device` once (uint8 images stay uint8 there)."""
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return dataclasses.replace(data, images=move(data.images), labels=move(data.labels),
+                               identities=move(data.identities), landmarks=move(data.landmarks))
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n, seed, epoch):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def batch_indices(n, step, batch_size, seed=0, rank=0, world_size=1) -> torch.Tensor:
+    """The image indices of training step `step`: a pure function of its arguments.
+
+    Epoch e walks the permutation seeded by (seed, e) in slices of batch_size * world_size; rank r
+    takes its own slice of each. So a resumed run draws exactly the batches an uninterrupted one
+    would, and DDP ranks never see the same image in a step. The tail of an epoch that does not
+    fill a whole step is dropped.
+    """
+    per_epoch = n // (batch_size * world_size)
+    if per_epoch == 0:
+        raise InputError(f"{n} images cannot fill one batch of {batch_size} on {world_size} ranks")
+    epoch, position = divmod(step, per_epoch)
+    start = (position * world_size + rank) * batch_size
+    return _epoch_permutation(n, seed, epoch)[start:start + batch_size]
+
+
+def get_batch(data: FaceData, step, batch_size, seed=0, device=None, rank=0, world_size=1,
+              hflip=False, channels_last=False):
+    """Batch `step` of `data` -> (images float in [-1, 1] (B, 3, H, W), labels (B, A), indices (B,)).
+
+    Indexing happens where data.images lives (call to_device once to keep it on the GPU); the
+    uint8 batch is moved and converted to float on `device`. hflip mirrors a random half of the
+    batch, drawn from (seed, step) so it is reproducible too.
+    """
+    device = torch.device(device) if device is not None else data.images.device
+    idx = batch_indices(len(data.images), step, batch_size, seed, rank, world_size)
+    images = data.images[idx.to(data.images.device)].to(device, non_blocking=True)
+    images = to_float(images)
+    if hflip:
+        flip = torch.rand(len(idx), generator=torch.Generator().manual_seed(seed * 7919 + step)) < 0.5
+        images = torch.where(flip.to(device).view(-1, 1, 1, 1), images.flip(-1), images)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, data.labels[idx.to(data.labels.device)].to(device, non_blocking=True), idx
+
+
+def identity_pairs(identities, labels=None, require_diff=True, max_pairs=None, seed=0) -> torch.Tensor:
+    """All pairs (i, j), i < j, of two different images of the same person -> LongTensor (P, 2).
+
+    With `labels` and require_diff, only pairs whose labels differ in at least one column are kept
+    (the Dual Training paper's down-sampling: each pair then teaches an attribute change).
+    max_pairs keeps a random subset (deterministic by seed).
+    """
+    if identities is None:
+        raise InputError("identity pairs need identity_CelebA.txt (from the official CelebA "
+                         "release's Anno folder); this dataset has no identity file")
+    ids = identities.cpu()
+    order = torch.argsort(ids, stable=True)
+    _, counts = torch.unique_consecutive(ids[order], return_counts=True)
+    pairs = [torch.combinations(group, 2) for group in torch.split(order, counts.tolist())
+             if len(group) > 1]
+    pairs = torch.cat(pairs) if pairs else torch.empty((0, 2), dtype=torch.long)
+    pairs = pairs.sort(dim=1).values
+    if labels is not None and require_diff and len(pairs):
+        lab = labels.cpu()
+        pairs = pairs[(lab[pairs[:, 0]] != lab[pairs[:, 1]]).any(dim=1)]
+    if max_pairs is not None and len(pairs) > max_pairs:
+        keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:max_pairs]
+        pairs = pairs[keep.sort().values]
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------
+# Image output: labelled grids, GIFs, loss curves
+# ------------------------------------------------------------------------------------------------
+def save_grid(images, path, row_labels=None, col_labels=None, title=None):
+    """Save a grid of images in [-1, 1] as a PNG: `images` is (R, C, 3, H, W) (or a list of R lists
+    of C (3, H, W) tensors). Row and column labels, when given, are drawn around it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid, save_image
+
+    if not isinstance(images, torch.Tensor):
+        images = torch.stack([torch.stack(list(row)) for row in images])
+    rows, cols, _, h, w = images.shape
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = images.detach().float().cpu().reshape(rows * cols, 3, h, w).add(1).div(2).clamp(0, 1)
+    grid = make_grid(flat, nrow=cols, padding=2, pad_value=1.0)
+    if row_labels is None and col_labels is None and title is None:
+        save_image(grid, path)
+        return
+    zoom = max(1, 96 // h)  # small images are shown larger so the labels stay readable
+    gh, gw = grid.shape[1] * zoom, grid.shape[2] * zoom
+    dpi = 100
+    left = 1.4 if row_labels is not None else 0.1
+    top = 0.9 if col_labels is not None else 0.1
+    top += 0.3 if title else 0
+    fig = plt.figure(figsize=(gw / dpi + left + 0.1, gh / dpi + top + 0.1), dpi=dpi)
+    ax = fig.add_axes((left / fig.get_figwidth(), 0.1 / fig.get_figheight(),
+                       gw / dpi / fig.get_figwidth(), gh / dpi / fig.get_figheight()))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest", extent=(0, gw, gh, 0))
+    step_x, step_y = (w + 2) * zoom, (h + 2) * zoom
+    ax.set_xticks([2 * zoom + step_x * c + w * zoom / 2 for c in range(cols)],
+                  list(col_labels) if col_labels is not None else [""] * cols)
+    ax.set_yticks([2 * zoom + step_y * r + h * zoom / 2 for r in range(rows)],
+                  list(row_labels) if row_labels is not None else [""] * rows)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0, labelsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="left")
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10, y=1 - 0.05 / fig.get_figheight())
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.05)  # crop unused margins
+    plt.close(fig)
+
+
+def save_gif(frames, path, fps=8, scale=1):
+    """Save frames (T, 3, H, W) in [-1, 1] as a looping GIF (PIL), optionally upscaled."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    for frame in frames:
+        picture = Image.fromarray(to_uint8(frame.cpu()).permute(1, 2, 0).numpy())
+        if scale != 1:
+            picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        pictures.append(picture)
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=round(1000 / fps),
+                     loop=0, disposal=1)
+
+
+def read_jsonl(path) -> list[dict]:
+    """Read a JSON-lines file (e.g. metrics.jsonl) into a list of dicts."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(jsonl_path, png_path, keys=None):
+    """Plot every numeric key of metrics.jsonl (or `keys`) against 'step', one panel each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_jsonl(jsonl_path)
+    if keys is None:
+        keys = sorted({k for r in records for k, v in r.items()
+                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    cols = min(3, max(1, len(keys)))
+    rows = max(1, math.ceil(len(keys) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), lw=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: info, download, bench
+# ------------------------------------------------------------------------------------------------
+CELEBA_FILES_HELP = """\
+CelebA cannot be downloaded automatically here. Fetch these files by hand from the official page
+(https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html -> 'Align&Cropped Images' and 'Anno' / 'Eval'):
+  Img/img_align_celeba.zip            (1.4 GB; unzip it: gives img_align_celeba/000001.jpg ...)
+  Anno/list_attr_celeba.txt           (the 40 attributes: required)
+  Anno/identity_CelebA.txt            (identities: needed by dual_transfer.py and mad.py)
+  Anno/list_landmarks_align_celeba.txt (landmarks: pose supervision in mad.py)
+  Anno/list_bbox_celeba.txt
+  Eval/list_eval_partition.txt        (the official train/val/test split)
+and put them side by side:
+  {root}/img_align_celeba/000001.jpg ...   {root}/list_attr_celeba.txt   {root}/identity_CelebA.txt ...
+(torchvision's layout, {root}/celeba/..., and the Kaggle copy 'jessicali9530/celeba-dataset'
+unzipped into {root} are read as well). Then: python common.py info {root}"""
+
+
+def info(data):
+    """Print what `data` holds: layout, counts, partitions, identities, attribute positive rates."""
+    layout = find_layout(data)
+    print(f"layout: {layout.name}  ({layout.root})")
+    print(f"images: {layout.image_dir}")
+    for stem, what in ANNOTATIONS.items():
+        print(f"  {stem:<28} {layout.files[stem].name if stem in layout.files else '-- missing':<34} {what}")
+    full = load_celeba(data, split="all", img_size=32)
+    parts = {s: load_celeba(data, split=s, img_size=32, verbose=False) for s in ("train", "val", "test")}
+    print("split sizes: " + ", ".join(f"{s} {len(p.files)}" for s, p in parts.items()))
+    if full.identities is not None:
+        counts = torch.unique(full.identities, return_counts=True)[1].float()
+        print(f"identities: {len(counts)} ({counts.mean():.1f} images each on average, "
+              f"{int((counts > 1).sum())} with two or more)")
+    else:
+        print("identities: none (no identity_CelebA.txt)")
+    print(f"landmarks: {'yes' if full.landmarks is not None else 'none'}")
+    print("attribute positive rates (all images):")
+    rates = full.labels.mean(0).tolist()
+    for i in range(0, len(rates), 4):
+        print("  " + "".join(f"{name:<20}{rate:>6.1%}    " for name, rate in
+                             zip(full.attr_names[i:i + 4], rates[i:i + 4])))
+
+
+def download(root):
+    """Try torchvision's CelebA download into `root`; on failure say what to fetch by hand."""
+    from torchvision.datasets import CelebA
+
+    try:
+        CelebA(root, split="all", download=True)
+        print(f"CelebA is in {Path(root) / 'celeba'}")
+    except Exception as err:  # no network, Google Drive quota, missing gdown: all end the same way
+        print(f"automatic download failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        print(CELEBA_FILES_HELP.format(root=root))
+        sys.exit(1)
+
+
+def bench(data, img_size=128, batch_size=64, steps=300, device="auto"):
+    """Loader throughput: time the cache build/load, then `steps` batches into `device` (img/s)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    start = time.time()
+    train = load_celeba(data, split="train", img_size=img_size)
+    print(f"load (cache build or reuse): {time.time() - start:.2f} s for {len(train.files)} images")
+    train = to_device(train, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for step in range(5):  # warm-up
+        get_batch(train, step, batch_size, device=device, hflip=True)
+    sync()
+    start = time.time()
+    for step in range(steps):
+        images, labels, _ = get_batch(train, step, batch_size, device=device, hflip=True,
+                                      channels_last=True)
+    sync()
+    seconds = time.time() - start
+    print(f"get_batch: {steps * batch_size / seconds:,.0f} img/s into {device} "
+          f"({img_size} px, batch {batch_size}, {steps} steps, hflip + channels_last)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="CelebA tools: look at a dataset, download it, "
+                                                 "measure the loader.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="layout, counts, partitions, attribute rates").add_argument(
+        "data", help="dataset folder, or 'demo' / 'demo:N'")
+    sub.add_parser("download", help="download CelebA (or say how)").add_argument("root")
+    b = sub.add_parser("bench", help="loader throughput in img/s")
+    b.add_argument("--data", default="demo")
+    b.add_argument("--img-size", type=int, default=128)
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--steps", type=int, default=300)
+    b.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        info(args.data)
+    elif args.command == "download":
+        download(args.root)
+    else:
+        bench(args.data, args.img_size, args.batch_size, args.steps, args.device)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as err:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {err}")
