@@ -225,8 +225,7 @@ def load_photo(path, img_size=128, crop=170) -> torch.Tensor:
     if not path.is_file():
         raise InputError(f"image not found: {path} (expected a .jpg or .png file)")
     try:
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(path) as image:  # decoded inside preprocess, exactly as the cache does
             width, height = image.size
             if abs(width / height - OFFICIAL_SIZE[1] / OFFICIAL_SIZE[0]) > 0.03 * width / height:
                 side = min(width, height)  # not CelebA-aligned: square centre crop
@@ -327,6 +326,9 @@ def fallback_split(files, identities, seed=0) -> list[str]:
         for name in groups[keys[k]]:
             split_of[name] = part
         seen += len(groups[keys[k]])
+    for part, k in (("test", order[-1]), ("val", order[-2])):  # tiny sets: no part left empty
+        if len(keys) >= 3 and part not in split_of.values():
+            split_of.update({name: part for name in groups[keys[k]]})
     return [split_of[name] for name in files]
 
 
@@ -582,6 +584,330 @@ def plot_metrics(jsonl_path, png_path, keys=None):
     fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
+
+
+# ------------------------------------------------------------------------------------------------
+# The synthetic demo CelebA
+# ------------------------------------------------------------------------------------------------
+# Procedurally drawn faces in the official file layout, so every method runs in minutes on a CPU
+# without the 1.4 GB download, and the same loader (and torchvision's CelebA class) reads them.
+# Each image is a pure function of its parameters (`render_face(params)`), stored in
+# demo_faces.json, so any image can be drawn again with one attribute changed: the ground truth
+# that lets the benchmarks measure a true edit error.
+#
+# The head is a small 3-D model: feature points (eyes, nose, mouth corners, ...) have a depth, are
+# turned by yaw and pitch and projected orthographically; the drawn face is then rotated by roll
+# about its centre. The 5 landmarks come from the same projection, so they are exact.
+DEMO_ATTRS = ("Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Eyeglasses", "Gray_Hair",
+              "Male", "Mouth_Slightly_Open", "Mustache", "No_Beard", "Pale_Skin", "Smiling",
+              "Wearing_Hat", "Young")
+DEMO_FIXED = {name: 0 for name in CELEBA_ATTRS if name not in DEMO_ATTRS}  # never drawn: absent
+HAIR_COLOURS = {"black": (28, 24, 22), "brown": (105, 66, 36), "blond": (226, 196, 120),
+                "gray": (168, 168, 172), "auburn": (150, 52, 30)}  # auburn: none of the four labels
+HAIR_LABEL = {"black": "Black_Hair", "brown": "Brown_Hair", "blond": "Blond_Hair", "gray": "Gray_Hair"}
+SKIN = ((224, 172, 140), (198, 140, 100), (150, 100, 70), (100, 66, 46))  # not pale
+PALE_SKIN = ((250, 222, 210), (240, 212, 196))
+DEMO_IMAGES_PER_IDENTITY = 30
+
+
+def sample_demo_faces(n_identities, images_per_identity=DEMO_IMAGES_PER_IDENTITY, seed=0) -> list[dict]:
+    """The render parameters of every demo image, deterministic by seed.
+
+    Per identity (fixed across its images): face shape, skin tone, eye colour and spacing, nose,
+    hair style and natural colour, background, clothes, Male, Young, Pale_Skin, Bald.
+    Per image: pose, smile and mouth opening, glasses, bangs, hat, dyed hair (15 %), mustache and
+    beard. Correlations are CelebA-like but not deterministic: Mustache, beards and Bald mostly
+    with Male, Gray_Hair only with Young=0, mouths open more often when smiling. Rates are
+    raised over CelebA's (glasses 30 %, not 6.5 %) so every rendered attribute can be learned.
+    """
+    rng = np.random.default_rng(seed)
+    faces = []
+    for ident in range(n_identities):
+        male, young = rng.random() < 0.45, rng.random() < 0.7
+        natural = "gray" if not young and rng.random() < 0.6 else \
+            rng.choice(["black", "brown", "blond", "auburn"], p=[0.35, 0.3, 0.22, 0.13])
+        trait = dict(
+            identity=ident + 1, male=bool(male), young=bool(young), pale=bool(rng.random() < 0.25),
+            bald=bool(male and not young and rng.random() < 0.45),
+            skin=int(rng.integers(len(SKIN))), face_w=float(rng.uniform(0.88, 1.08)),
+            face_h=float(rng.uniform(0.92, 1.08)), eye_gap=float(rng.uniform(-3, 3)),
+            eye_color=[int(v) for v in rng.choice([[70, 45, 25], [40, 90, 150], [60, 110, 60], [30, 30, 30]])],
+            nose=float(rng.uniform(0.8, 1.25)), long_hair=bool(rng.random() < (0.2 if male else 0.85)),
+            bg=[int(v) for v in rng.integers(40, 220, 3)], shirt=[int(v) for v in rng.integers(20, 230, 3)],
+            hat_color=[int(v) for v in rng.integers(20, 230, 3)], natural_hair=str(natural),
+            glasses_rate=float(rng.choice([0.1, 0.6])))
+        for _ in range(images_per_identity):
+            smile = float(rng.uniform(0, 1))
+            hair = trait["natural_hair"]
+            if rng.random() < 0.15:  # dyed for this photo
+                hair = str(rng.choice([c for c in ("black", "brown", "blond", "auburn") if c != hair]))
+            faces.append(dict(
+                trait, hair=hair, glasses=bool(rng.random() < trait["glasses_rate"]),
+                bangs=bool(not trait["bald"] and rng.random() < 0.3), hat=bool(rng.random() < 0.15),
+                mustache=bool(rng.random() < (0.35 if male else 0.02)),
+                beard=bool(rng.random() < (0.4 if male else 0.01)),
+                yaw=float(rng.uniform(-30, 30)), pitch=float(rng.uniform(-10, 10)),
+                roll=float(rng.uniform(-12, 12)), smile=smile,
+                mouth_open=float(np.clip(rng.uniform(0, 1) + 0.3 * (smile - 0.5), 0, 1)),
+                render_seed=int(rng.integers(2**31))))
+    order = rng.permutation(len(faces))  # files mix identities, as CelebA's do
+    return [faces[i] for i in order]
+
+
+def demo_labels(params) -> dict:
+    """The 40 CelebA labels (0/1) of one demo face, derived from its parameters."""
+    labels = dict(DEMO_FIXED)
+    hair = None if params["bald"] else HAIR_LABEL.get(params["hair"])
+    labels.update({name: 0 for name in HAIR_LABEL.values()})
+    if hair:
+        labels[hair] = 1
+    labels.update(Bald=params["bald"], Bangs=params["bangs"] and not params["bald"],
+                  Eyeglasses=params["glasses"], Male=params["male"],
+                  Mouth_Slightly_Open=params["mouth_open"] > 0.5, Mustache=params["mustache"],
+                  No_Beard=not params["beard"], Pale_Skin=params["pale"], Smiling=params["smile"] > 0.5,
+                  Wearing_Hat=params["hat"], Young=params["young"])
+    return {name: int(labels[name]) for name in CELEBA_ATTRS}
+
+
+def apply_attr_changes(params, changes) -> dict:
+    """A copy of `params` with the attributes in `changes` set (value > 0.5 = present), made
+    consistent by one rule: a hair colour set to 1 replaces the hair colour (and ends baldness);
+    the current colour set to 0 becomes auburn (none of the four labels); Bald=1 clears bangs;
+    Bangs=1 ends baldness; Smiling / Mouth_Slightly_Open move the expression strength just across
+    the 0.5 threshold (to 0.8 or 0.2) only when the label actually changes; No_Beard=0 adds a
+    beard. Nothing else changes: pose, identity and every other attribute stay as they were."""
+    out = dict(params)
+    for name, value in changes.items():
+        on = float(value) > 0.5
+        colour = {v: k for k, v in HAIR_LABEL.items()}.get(name)
+        if colour:
+            if on:
+                out.update(hair=colour, bald=False)
+            elif out["hair"] == colour:
+                out["hair"] = "auburn"
+        elif name == "Bald":
+            out.update(bald=on, bangs=out["bangs"] and not on)
+        elif name == "Bangs":
+            out.update(bangs=on, bald=out["bald"] and not on)
+        elif name in ("Smiling", "Mouth_Slightly_Open"):
+            key = "smile" if name == "Smiling" else "mouth_open"
+            if (out[key] > 0.5) != on:
+                out[key] = 0.8 if on else 0.2
+        elif name == "No_Beard":
+            out["beard"] = not on
+        elif name in ("Eyeglasses", "Male", "Mustache", "Pale_Skin", "Wearing_Hat", "Young"):
+            key = {"Eyeglasses": "glasses", "Male": "male", "Mustache": "mustache",
+                   "Pale_Skin": "pale", "Wearing_Hat": "hat", "Young": "young"}[name]
+            out[key] = on
+        else:
+            raise InputError(f"the demo set does not draw {name!r}; it draws {', '.join(DEMO_ATTRS)}")
+    return out
+
+
+def render_face(params):
+    """Draw one face -> (PIL RGB image 178x218, landmarks (5, 2) float, bbox (x, y, w, h)).
+
+    Drawn at 2x and downsampled (antialiasing). Frontal landmarks sit where CelebA's aligned
+    images have them: eyes near (70, 112) and (108, 112), nose (89, 135), mouth corners near
+    (72, 152) and (106, 152).
+    """
+    S = 2  # supersampling
+    W, H = OFFICIAL_SIZE[1] * S, OFFICIAL_SIZE[0] * S
+    cx, cy = 89 * S, 125 * S  # head centre
+    yaw, pitch, roll = (math.radians(params[k]) for k in ("yaw", "pitch", "roll"))
+    fw, fh = params["face_w"], params["face_h"]
+    if params["male"]:
+        fw *= 1.04
+
+    def project(x, y, z):
+        """Head coordinates (official px, x right, y down, z towards the camera) -> canvas px."""
+        x, y, z = x * fw, y * fh, z
+        x, z = x * math.cos(yaw) + z * math.sin(yaw), -x * math.sin(yaw) + z * math.cos(yaw)
+        y, z = y * math.cos(pitch) - z * math.sin(pitch), y * math.sin(pitch) + z * math.cos(pitch)
+        return (cx + x * S, cy + y * S)
+
+    def ellipse(draw, centre, rx, ry, **kw):
+        draw.ellipse((centre[0] - rx * S, centre[1] - ry * S, centre[0] + rx * S, centre[1] + ry * S), **kw)
+
+    skin = (PALE_SKIN[params["skin"] % 2] if params["pale"] else SKIN[params["skin"]])
+    shade = tuple(int(c * 0.78) for c in skin)
+    hair = HAIR_COLOURS[params["hair"]]
+    squash = math.cos(yaw)  # features seen at an angle get narrower
+
+    canvas = Image.new("RGB", (W, H), tuple(params["bg"]))
+    back = ImageDraw.Draw(canvas)
+    back.rectangle((0, 0, W, H // 3), fill=tuple(min(255, c + 25) for c in params["bg"]))
+    back.ellipse((cx - 85 * S, cy + 62 * S, cx + 85 * S, cy + 190 * S), fill=tuple(params["shirt"]))
+    back.rectangle((cx - 20 * S, cy + 35 * S, cx + 20 * S, cy + 75 * S), fill=shade)  # neck
+
+    layer = Image.new("RGBA", (W, H), (0, 0, 0, 0))  # the head, rotated by roll at the end
+    draw = ImageDraw.Draw(layer)
+    centre = project(0, 0, -10)
+    if not params["bald"]:  # hair behind the head
+        ellipse(draw, project(0, -10, -20), 50 * fw, 58 * fh, fill=hair)
+        if params["long_hair"]:
+            left, right = project(-42, 0, -20), project(42, 0, -20)
+            draw.rectangle((left[0] - 10 * S, left[1], right[0] + 10 * S, left[1] + 75 * S), fill=hair)
+    for side in (-1, 1):  # ears
+        ellipse(draw, project(side * 44, 5, -5), 7 * squash + 2, 11, fill=shade)
+    jaw = 1.06 if params["male"] else 0.96
+    ellipse(draw, centre, 43 * fw * (0.55 + 0.45 * squash), 52 * fh * jaw, fill=skin)
+    if params["beard"]:
+        chin = project(0, 34, 28)
+        draw.pieslice((chin[0] - 40 * fw * S, chin[1] - 34 * S, chin[0] + 40 * fw * S, chin[1] + 20 * S),
+                      0, 180, fill=tuple(int(c * 0.8) for c in hair if True) if not params["bald"] else (60, 50, 45))
+    if not params["young"]:  # wrinkles
+        for dy in (-36, -32):
+            a, b = project(-18, dy, 36), project(18, dy, 36)
+            draw.line((a, b), fill=shade, width=S)
+    brow_w = 4 if params["male"] else 2
+    eyes = []
+    for side in (-1, 1):
+        eye = project(side * (19 + params["eye_gap"] / 2), -13, 30)
+        eyes.append(eye)
+        ellipse(draw, eye, 7.5 * squash + 0.5, 4.2, fill=(245, 245, 245))
+        ellipse(draw, eye, 3.6 * squash + 0.3, 3.6, fill=tuple(params["eye_color"]))
+        ellipse(draw, eye, 1.6, 1.6, fill=(10, 10, 10))
+        a, b = project(side * 12, -22, 32), project(side * 27, -21, 30)
+        draw.line((a, b), fill=tuple(int(c * 0.6) for c in hair) if not params["bald"] else (70, 60, 50),
+                  width=brow_w * S)
+    nose_tip = project(0, 10 * params["nose"], 42)
+    nose_top = project(0, -8, 36)
+    draw.polygon([nose_top, (nose_tip[0] - 5 * S, nose_tip[1]), (nose_tip[0] + 5 * S, nose_tip[1])], fill=shade)
+    smile, opening = params["smile"], params["mouth_open"]
+    corners = [project(side * 17, 27 - 4 * smile, 30) for side in (-1, 1)]
+    mid_top = project(0, 26 + 1 * smile, 33)
+    mid_bottom = project(0, 28 + 3 * smile + 9 * opening, 33)
+    lips = (200, 60, 80) if not params["male"] else (165, 85, 80)
+    draw.polygon([corners[0], mid_top, corners[1], mid_bottom], fill=lips)
+    if opening > 0.25:  # open mouth: dark inside with teeth
+        inner_top = project(0, 27.5 + smile, 33)
+        inner_bottom = project(0, 27 + 3 * smile + 8 * opening, 33)
+        inner = [(corners[0][0] + 4 * S, corners[0][1]), inner_top, (corners[1][0] - 4 * S, corners[1][1]), inner_bottom]
+        draw.polygon(inner, fill=(60, 20, 25))
+        draw.rectangle((inner[0][0] + 2 * S, inner_top[1], inner[2][0] - 2 * S, inner_top[1] + 2.5 * S), fill=(240, 240, 235))
+    if params["mustache"]:
+        a, b = project(-16, 21, 36), project(16, 21, 36)
+        draw.polygon([a, b, (b[0], b[1] + 4 * S), (a[0], a[1] + 4 * S)],
+                     fill=tuple(int(c * 0.7) for c in hair) if not params["bald"] else (50, 40, 35))
+    if params["bangs"] and not params["bald"]:
+        pts = [project(x, -52 + (-y), 34) for x, y in ((-40, 0), (40, 0))]
+        pts += [project(x, -28 - 3 * (i % 2), 36) for i, x in enumerate(range(36, -40, -8))]
+        draw.polygon(pts, fill=hair)
+    if params["glasses"]:
+        for eye in eyes:
+            draw.rounded_rectangle((eye[0] - 11 * S * squash - S, eye[1] - 7 * S,
+                                    eye[0] + 11 * S * squash + S, eye[1] + 7 * S),
+                                   radius=3 * S, outline=(20, 20, 20), width=3 * S)
+        draw.line((eyes[0][0] + 10 * S * squash, eyes[0][1], eyes[1][0] - 10 * S * squash, eyes[1][1]),
+                  fill=(20, 20, 20), width=3 * S)
+    if params["hat"]:
+        brim_l, brim_r = project(-58, -36, 0), project(58, -36, 0)
+        top_l, top_r = project(-40, -80, 0), project(40, -80, 0)
+        color = tuple(params["hat_color"])
+        draw.polygon([brim_l, top_l, top_r, brim_r], fill=color)
+        draw.polygon([(brim_l[0] - 6 * S, brim_l[1] - 3 * S), (brim_r[0] + 6 * S, brim_r[1] - 3 * S),
+                      (brim_r[0] + 6 * S, brim_r[1] + 6 * S), (brim_l[0] - 6 * S, brim_l[1] + 6 * S)], fill=color)
+
+    points = [eyes[0], eyes[1], nose_tip, corners[0], corners[1]]
+    pivot = (cx, cy)
+    layer = layer.rotate(-math.degrees(roll), resample=Image.Resampling.BICUBIC, center=pivot)
+    canvas.paste(layer, (0, 0), layer)
+    cos_r, sin_r = math.cos(roll), math.sin(roll)
+    landmarks = np.array([[(pivot[0] + (x - pivot[0]) * cos_r - (y - pivot[1]) * sin_r) / S,
+                           (pivot[1] + (x - pivot[0]) * sin_r + (y - pivot[1]) * cos_r) / S]
+                          for x, y in points], dtype=np.float32)
+    box_w, box_h = 2 * 50 * fw, 2 * 62 * fh
+    bbox = (int(89 - box_w / 2), int(125 - box_h / 2 - 8), int(box_w), int(box_h))
+    image = canvas.resize(OFFICIAL_SIZE[::-1], Image.Resampling.LANCZOS)
+    return image, landmarks, bbox
+
+
+def _render_to_file(job):
+    """Worker: draw one face and write its JPEG; returns its landmarks and box."""
+    path, params = job
+    image, landmarks, bbox = render_face(params)
+    image.save(path, quality=95)
+    return landmarks.round().astype(int).tolist(), bbox
+
+
+def make_demo(root, n_identities=200, images_per_identity=DEMO_IMAGES_PER_IDENTITY, seed=0) -> Path:
+    """Generate the demo set in the official CelebA layout under `root` (atomic: written to a
+    temporary folder beside it, renamed into place at the end)."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    faces = sample_demo_faces(n_identities, images_per_identity, seed)
+    names = [f"{i + 1:06d}.jpg" for i in range(len(faces))]
+    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+    (tmp / "img_align_celeba").mkdir()
+    start = time.time()
+    jobs = [(tmp / "img_align_celeba" / name, params) for name, params in zip(names, faces)]
+    workers = min(os.cpu_count() or 1, 8)
+    if workers > 1 and len(jobs) > 64:
+        import multiprocessing
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_render_to_file, jobs, chunksize=32))
+    else:
+        results = [_render_to_file(job) for job in jobs]
+    print(f"demo set: {len(faces)} faces of {n_identities} identities drawn in {time.time() - start:.1f} s"
+          f" -> {root}", file=sys.stderr)
+    ids = sorted({p["identity"] for p in faces})
+    order = np.random.default_rng(seed + 1).permutation(len(ids))
+    n_held = max(1, round(0.1 * len(ids)))  # identities in val and in test each (80/10/10)
+    part_of = {ids[k]: (0 if r < len(ids) - 2 * n_held else 1 if r < len(ids) - n_held else 2)
+               for r, k in enumerate(order)}
+    labels = [demo_labels(p) for p in faces]
+    lines = [f"{len(faces)}", " ".join(CELEBA_ATTRS)]
+    lines += [f"{n} " + " ".join(f"{2 * lab[a] - 1:2d}" for a in CELEBA_ATTRS) for n, lab in zip(names, labels)]
+    (tmp / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+    (tmp / "identity_CelebA.txt").write_text("".join(f"{n} {p['identity']}\n" for n, p in zip(names, faces)))
+    (tmp / "list_eval_partition.txt").write_text("".join(f"{n} {part_of[p['identity']]}\n" for n, p in zip(names, faces)))
+    header = " ".join(f"{k}_{c}" for k in LANDMARK_NAMES for c in "xy")
+    (tmp / "list_landmarks_align_celeba.txt").write_text(
+        f"{len(faces)}\n{header}\n" + "".join(f"{n} " + " ".join(f"{v}" for pt in r[0] for v in pt) + "\n"
+                                              for n, r in zip(names, results)))
+    (tmp / "list_bbox_celeba.txt").write_text(
+        f"{len(faces)}\nimage_id x_1 y_1 width height\n" + "".join(
+            f"{n} " + " ".join(str(v) for v in r[1]) + "\n" for n, r in zip(names, results)))
+    (tmp / "demo_faces.json").write_text(json.dumps(dict(zip(names, faces))))
+    (tmp / "README.txt").write_text(
+        "Synthetic demo CelebA (generated by common.py; not real people). Official CelebA layout.\n"
+        f"Rendered attributes: {', '.join(DEMO_ATTRS)}; all others are -1 (absent).\n"
+        "demo_faces.json holds every image's render parameters (common.render_counterfactual).\n"
+        "list_bbox_celeba.txt boxes the head in these images (CelebA's refer to the wild images).\n")
+    try:
+        os.replace(tmp, root)  # atomic; fails if another process finished first
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def demo_root(spec="demo") -> Path:
+    """'demo' (200 identities x 30 images) or 'demo:N' (N identities) -> the folder of that demo
+    set under cache_root()/demo/, generated on first use and reused afterwards."""
+    count = spec.partition(":")[2]
+    if spec != "demo" and not count.isdigit():
+        raise InputError(f"unknown demo set {spec!r}; expected 'demo' or 'demo:N' (N identities)")
+    n_identities = int(count) if count else 200
+    root = cache_root() / "demo" / f"seed0_ids{n_identities}"
+    if not (root / "demo_faces.json").is_file():
+        make_demo(root, n_identities)
+    return root
+
+
+def load_demo_params(root) -> dict:
+    """file name -> render parameters of every image of a demo set."""
+    path = Path(root) / "demo_faces.json"
+    if not path.is_file():
+        raise InputError(f"{root} is not a demo set (no demo_faces.json)")
+    return json.loads(path.read_text())
+
+
+def render_counterfactual(root, file_name, changes):
+    """The same demo face (identity, pose, expression, all else) with `changes` applied, e.g.
+    {'Eyeglasses': 1}, as a 178x218 PIL image: the ground truth of an edit."""
+    params = load_demo_params(root)[file_name]
+    return render_face(apply_attr_changes(params, changes))[0]
 
 # ------------------------------------------------------------------------------------------------
 # Command line: info, download, bench
