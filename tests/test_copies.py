@@ -54,6 +54,8 @@ def test_method_files_mark_their_copies():
 
 @pytest.mark.parametrize("name,defname,source", COPIES, ids=[f"{n}:{d}" for n, d, _ in COPIES])
 def test_copied_block_is_identical_to_its_source(name, defname, source):
+    if not (ROOT / source).exists():
+        pytest.skip(f"{source} is not in the repository yet; nothing to compare {name}:{defname} with")
     originals = top_level_definitions(ROOT / source)
     assert defname in originals, f"{name}: {defname} is marked as copied from {source}, which has no {defname}"
     copy = top_level_definitions(ROOT / name)[defname][0]
