@@ -936,6 +936,12 @@ def info(data):
         print(f"  {stem:<28} {layout.files[stem].name if stem in layout.files else '-- missing':<34} {what}")
     full = load_celeba(data, split="all", img_size=32)
     parts = {s: load_celeba(data, split=s, img_size=32, verbose=False) for s in ("train", "val", "test")}
+    _, rows = (read_annotation(layout.files["list_eval_partition"]) if "list_eval_partition" in layout.files
+               else (None, {}))
+    official = rows and all(rows.get(f) == [str(("train", "val", "test").index(s))]
+                            for s, p in parts.items() for f in p.files)
+    print("partition: " + ("official" if official else "deterministic 80/10/10 fallback "
+                           "(no usable official partition for the images present)"))
     print("split sizes: " + ", ".join(f"{s} {len(p.files)}" for s, p in parts.items()))
     if full.identities is not None:
         counts = torch.unique(full.identities, return_counts=True)[1].float()
