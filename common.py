@@ -755,7 +755,7 @@ def render_face(params):
     if params["beard"]:
         chin = project(0, 34, 28)
         draw.pieslice((chin[0] - 40 * fw * S, chin[1] - 34 * S, chin[0] + 40 * fw * S, chin[1] + 20 * S),
-                      0, 180, fill=tuple(int(c * 0.8) for c in hair if True) if not params["bald"] else (60, 50, 45))
+                      0, 180, fill=tuple(int(c * 0.8) for c in hair) if not params["bald"] else (60, 50, 45))
     if not params["young"]:  # wrinkles
         for dy in (-36, -32):
             a, b = project(-18, dy, 36), project(18, dy, 36)
@@ -791,7 +791,7 @@ def render_face(params):
         draw.polygon([a, b, (b[0], b[1] + 4 * S), (a[0], a[1] + 4 * S)],
                      fill=tuple(int(c * 0.7) for c in hair) if not params["bald"] else (50, 40, 35))
     if params["bangs"] and not params["bald"]:
-        pts = [project(x, -52 + (-y), 34) for x, y in ((-40, 0), (40, 0))]
+        pts = [project(-40, -52, 34), project(40, -52, 34)]  # hairline, then a jagged fringe
         pts += [project(x, -28 - 3 * (i % 2), 36) for i, x in enumerate(range(36, -40, -8))]
         draw.polygon(pts, fill=hair)
     if params["glasses"]:
