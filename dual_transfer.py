@@ -423,6 +423,7 @@ def signed(attrs):
     return attrs * 2 - 1
 
 
+# Copied from attgan.py
 def tile(attr_input, size):
     """(B, A) -> (B, A, h, w): the attribute vector repeated at every position of an (h, w) map."""
     return attr_input[:, :, None, None].expand(-1, -1, *size)
@@ -884,6 +885,7 @@ def edit(args):
 # ================================================================================================
 # main: training
 # ================================================================================================
+# Copied from attgan.py
 def is_demo(data):
     return data == "demo" or data.startswith("demo:")
 
