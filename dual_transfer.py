@@ -713,6 +713,19 @@ def pair_grid(encoder, decoder, img_1, img_2, attr_1, attr_2):
     return torch.stack([c.float() for c in columns], 1)
 
 
+def one_pair_per_person(pairs, identities, count):
+    """The first pair of each of the first `count` identities (pairs are grouped by person, so
+    pairs[:count] would show one person six times) -> (<= count, 2)."""
+    seen, keep = set(), []
+    for k, person in enumerate(identities[pairs[:, 0]].tolist()):
+        if person not in seen:
+            seen.add(person)
+            keep.append(k)
+        if len(keep) == count:
+            break
+    return pairs[keep]
+
+
 def grid_labels(attr_names):
     return ["x1", "x2", "Dec(E(x1), a2)", "Dec(E(x2), a1)"] + [f"x1 flip {n}" for n in attr_names]
 
@@ -984,7 +997,7 @@ def train(args):
     step_models = [torch.compile(m) for m in models] if args.compile else models
     amp_ctx = lambda: autocast(device, args.amp)  # noqa: E731
     data = common.to_device(data, device)
-    shown = grid_pairs[:6].flatten()
+    shown = one_pair_per_person(grid_pairs, grid_source.identities, 6).flatten()
     grid_images = common.to_float(grid_source.images[shown]).to(device)
     grid_attrs = grid_source.labels[shown].to(device)
     print(f"Dual Training {args.img_size} px, attributes {', '.join(attr_names)}; E "

@@ -212,3 +212,11 @@ def test_resume_continues_exactly_and_refuses_another_configuration(tmp_path, ru
     proc = run_script("dual_transfer.py", "--smoke", "--out", resumed, "--steps", "6", "--resume",
                       "--latent-dim", "32", check=False)
     assert proc.returncode != 0 and "latent_dim" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_grid_pairs_show_different_people():
+    identities = torch.tensor([1, 1, 1, 2, 2, 3, 3, 3])
+    pairs = common.identity_pairs(identities)  # 3 + 1 + 3 pairs, grouped by person
+    shown = dt.one_pair_per_person(pairs, identities, 6)
+    assert identities[shown[:, 0]].tolist() == [1, 2, 3]
+    assert (identities[shown[:, 0]] == identities[shown[:, 1]]).all()
