@@ -12,7 +12,9 @@ encode(images) -> {name: code}. This script asks for what is there and measures 
               an edit and that counterfactual measures the edit itself, and the judge's accuracy on
               the counterfactuals is the oracle's (the best an editor can score).
   reconstruct PSNR and SSIM of the reconstruction against the input.
-  generate    attribute accuracy of faces generated from the test images' attribute rows.
+  generate    attribute accuracy of faces generated from the test images' attribute rows (unless
+              the namespace says conditional=False: mad.py decodes its prior, and those faces
+              enter the FD only).
   encode      with several named codes (mad.py): nearest-neighbour retrieval of identity and
               expression labels from each code (a disentangled code has a strong diagonal).
   all         judge-feature FD between the real test images and the method's outputs (edits,
@@ -185,10 +187,11 @@ def score_model(model, judge, data="demo", split="test", max_images=500, true_im
     if model.generate is not None:
         generated = model.generate(attr_src, seed=0)
         probs, features = judge(generated)
-        pred = (probs[:, judge_cols] > 0.5).float()
-        result["gen_acc"] = (pred == attr_src[:, method_cols]).float().mean().item()
-        result["gen_acc_per_attr"] = dict(zip(judged, (pred == attr_src[:, method_cols])
-                                              .float().mean(0).tolist()))
+        if getattr(model, "conditional", True):  # mad.py samples its prior: no attributes asked
+            pred = (probs[:, judge_cols] > 0.5).float()
+            result["gen_acc"] = (pred == attr_src[:, method_cols]).float().mean().item()
+            result["gen_acc_per_attr"] = dict(zip(judged, (pred == attr_src[:, method_cols])
+                                                  .float().mean(0).tolist()))
         if model.edit is None:
             outputs.append(features)
 

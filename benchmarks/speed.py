@@ -47,7 +47,7 @@ def measure(method, batch_size, amp, compile_, steps, quick, device, data, workd
                "--amp" if amp else "--no-amp", "--compile" if compile_ else "--no-compile"]
     command += ["--smoke"] if quick else FULL_SIZE[method]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    metrics = out / "metrics.jsonl"
+    metrics = next(out.rglob("metrics.jsonl"), out / "metrics.jsonl")  # mad.py: <out>/<stage>/
     if proc.returncode != 0 or not metrics.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         return None, tail[0]

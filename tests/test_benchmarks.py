@@ -133,19 +133,25 @@ EXPECTED = {  # what each method supports, hence which numbers it must get
     "attgan": {"edit_acc", "true_edit_psnr", "oracle_edit_acc", "psnr", "ssim", "fd"},
     "dual_transfer": {"edit_acc", "true_edit_psnr", "oracle_edit_acc", "psnr", "ssim", "fd"},
     "cgan": {"gen_acc", "fd"},
+    "feature_ae": {"edit_acc", "true_edit_psnr", "oracle_edit_acc", "psnr", "ssim", "fd"},
+    "mad": {"retrieval", "psnr", "ssim", "fd"},
 }
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED))
 def test_evaluate_scores_a_smoke_checkpoint(method, smoke_judge, tmp_path, run_script):
     run_script(f"{method}.py", "--smoke", "--out", tmp_path / method)
+    ckpt = tmp_path / method / ("ae" if method == "mad" else "") / "ckpt.pt"  # mad: one per stage
     out = tmp_path / f"{method}.json"
-    proc = run_script("benchmarks/evaluate.py", "--method", method, "--ckpt",
-                      tmp_path / method / "ckpt.pt", "--data", "demo:16", "--judge", smoke_judge,
+    proc = run_script("benchmarks/evaluate.py", "--method", method, "--ckpt", ckpt, "--data", "demo:16", "--judge", smoke_judge,
                       "--max-images", "16", "--true-images", "4", "--json", out)
     result = json.loads(out.read_text())
     assert EXPECTED[method] <= set(result)
     assert result["method"] == method and result["images"] == 16
+    if method == "mad":  # four sub-codes x two kinds of labels, and no attribute score
+        assert set(result["retrieval"]) == {"identity", "expression"}
+        assert set(result["retrieval"]["identity"]) == {"pose", "identity", "style", "expression"}
+        assert "gen_acc" not in result
     for key in ("edit_acc", "gen_acc", "oracle_edit_acc", "judge_acc_real"):
         if key in result:
             assert 0 <= result[key] <= 1
