@@ -1141,6 +1141,7 @@ def evaluate(args):
 # ================================================================================================
 # main: training
 # ================================================================================================
+# Copied from attgan.py
 def is_demo(data):
     return data == "demo" or data.startswith("demo:")
 
@@ -1150,6 +1151,7 @@ def default_attrs(data):
     return EXPRESSION_ATTRS + STYLE_ATTRS
 
 
+# Copied from attgan.py
 def apply_presets(args, device):
     """--smoke, or the cpu-demo preset, on the fields still at their defaults; fills --attrs."""
     defaults = Args()
