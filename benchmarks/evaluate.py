@@ -274,11 +274,12 @@ def table(paths):
                ("fd", "judge FD", "{:.3f}"), ("judge_acc_real", "judge acc (real)", "{:.3f}")]
     rows = [json.loads(Path(p).read_text()) for p in paths]
     used = [c for c in columns if any(c[0] in r for r in rows)]
-    out = ["| method | images | " + " | ".join(c[1] for c in used) + " |",
-           "|---|---|" + "---|" * len(used)]
+    out = ["| method | run | images | " + " | ".join(c[1] for c in used) + " |",
+           "|---|---|---|" + "---|" * len(used)]
     for r in rows:
         cells = [c[2].format(r[c[0]]) if c[0] in r else "–" for c in used]
-        out.append(f"| {r['method']} | {r['images']} | " + " | ".join(cells) + " |")
+        run = Path(r.get("ckpt", "?")).parent.as_posix()  # the run folder tells runs apart
+        out.append(f"| {r['method']} | `{run}` | {r['images']} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

@@ -29,7 +29,7 @@ from common import InputError  # noqa: E402
 # VGG feature loss with random weights: the same arithmetic, and no weights file is needed.
 FULL_SIZE = {
     "attgan": ["--preset", "paper"],
-    "dual_transfer": ["--preset", "default"],
+    "dual_transfer": ["--preset", "default", "--cls-steps", "2"],  # stage 1 is not timed
     "cgan": [],
     "feature_ae": ["--preset", "paper", "--vgg-weights", "random"],  # the DFC loss's cost, no file
     "mad": ["--preset", "paper"],

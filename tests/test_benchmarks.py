@@ -160,7 +160,8 @@ def test_evaluate_scores_a_smoke_checkpoint(method, smoke_judge, tmp_path, run_s
     assert result["fd"] >= 0
     assert f"{method} on demo:16" in proc.stdout
     table = run_script("benchmarks/evaluate.py", "--table", out).stdout
-    assert table.splitlines()[0].startswith("| method |") and f"| {method} | 16 |" in table
+    assert table.splitlines()[0].startswith("| method | run |")
+    assert f"| {method} | `{ckpt.parent.as_posix()}` | 16 |" in table
 
 
 def test_evaluate_refuses_an_unknown_method(run_script, tmp_path):
