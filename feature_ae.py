@@ -71,9 +71,9 @@ Deviations from the original, and why
   ImageNet weights file (vgg19-dcbb9e9d.pth) loads into it; building the whole torchvision model
   would allocate its 120 M classifier weights for nothing. Nothing is downloaded: the file comes
   from torch.hub's cache folder or --vgg-weights PATH; when it is missing training stops and says
-  where to put it. Exception: with the cpu-demo preset (a CPU and the demo set) a missing file
-  switches the default --loss dfc to mse with a printed note (like every preset value, a --loss
-  equal to the default counts as not given; --preset paper keeps dfc and stops instead).
+  where to put it. The default --loss auto means dfc, with one exception: on the cpu-demo preset
+  (a CPU and the demo set) without the file it means mse, with a printed note, so that
+  `python feature_ae.py` runs anywhere. An explicit --loss dfc always needs the file.
   `--vgg-weights random` (random VGG, a warning) exists only so tests can run the DFC code path.
 * The loss is the DFC feature term alone: the DFC-VAE's KL term belongs to a VAE, and these are
   plain autoencoders (as the original).
@@ -163,8 +163,9 @@ class Args:
     """channels of the first encoder conv, doubling per halving (original: 32)"""
     ndf: int = 32
     """channels of the last hidden decoder layer, doubling towards the bottleneck (original: 32)"""
-    loss: str = "dfc"
-    """'dfc' (VGG19 relu1_1 + relu2_1 + relu3_1 feature MSE; PGAE below 32 px: MSE) or 'mse'"""
+    loss: str = "auto"
+    """'dfc' (VGG19 relu1_1 + relu2_1 + relu3_1 feature MSE; PGAE below 32 px: MSE), 'mse', or
+    'auto' = dfc, except on the cpu-demo preset without VGG19 weights: mse, with a note"""
     vgg_weights: str = None
     """torchvision's VGG19 ImageNet file (default: torch.hub cache); 'random' only for tests"""
     fade_steps: int = 2500
@@ -1015,7 +1016,7 @@ def default_attrs(data):
 
 def apply_presets(args, device):
     """--smoke or the cpu-demo preset on the fields still at their defaults; fills --img-size,
-    --attrs; on the cpu-demo preset without VGG weights, the default --loss dfc becomes mse."""
+    --attrs and --loss auto (dfc; mse on the cpu-demo preset when the VGG19 file is missing)."""
     defaults = Args()
     if args.smoke:
         for name, value in SMOKE.items():
@@ -1034,12 +1035,14 @@ def apply_presets(args, device):
                 print("note: cpu-demo preset (CPU + demo data; --preset paper keeps the full "
                       "configuration): " + ", ".join(f"--{k.replace('_', '-')} {v}"
                                                     for k, v in changed.items()))
-            if args.loss == "dfc" and not vgg_weights_available(args.vgg_weights):
-                args.loss = "mse"
-                print(f"note: cpu-demo preset without VGG19 weights ({default_vgg_path()} is "
-                      f"missing): --loss mse instead of dfc (fetch {VGG19_URL} for dfc)")
         elif args.preset == "auto":
             args.preset = "paper"
+    if args.loss == "auto":
+        args.loss = "dfc"
+        if args.preset == "cpu-demo" and not vgg_weights_available(args.vgg_weights):
+            args.loss = "mse"
+            print(f"note: cpu-demo preset without VGG19 weights ({default_vgg_path()} is "
+                  f"missing): --loss mse instead of dfc (fetch {VGG19_URL} for dfc)")
     if args.img_size == 0:
         args.img_size = 64 if args.arch == "pgae" else 32
     if not args.attrs:

@@ -184,6 +184,8 @@ def test_cpu_demo_preset_falls_back_to_mse_without_weights_paper_does_not(tmp_pa
     assert args.loss == "dfc" and args.steps == 20000
     args = feature_ae.apply_presets(feature_ae.Args(arch="pgae", vgg_weights="random"), cpu)
     assert args.loss == "dfc" and args.img_size == 64
+    args = feature_ae.apply_presets(feature_ae.Args(vgg_weights=missing, loss="dfc"), cpu)
+    assert args.preset == "cpu-demo" and args.loss == "dfc"  # asked for: it will need the file
 
 
 def test_pgae_uses_mse_below_32_px(random_vgg):
