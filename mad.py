@@ -127,7 +127,8 @@ style / expression | a decode of a fixed prior sample).
 Evaluation contract (benchmarks/evaluate.py): load_for_eval(ckpt_path, device) returns a namespace
 with attr_names, img_size, crop, reconstruct(images) = G(E(x)), encode(images) -> {"pose",
 "identity", "style", "expression"} sub-vectors, generate(attrs, seed=0) -> len(attrs) decodes of
-prior samples (the attributes are ignored: MAD is not attribute-conditioned), edit = None.
+prior samples (the attributes are ignored: MAD is not attribute-conditioned, and the namespace
+says so with conditional=False), edit = None.
 """
 from __future__ import annotations
 
