@@ -105,8 +105,8 @@ def retrieval_accuracy(codes, labels):
     similarity = codes @ codes.T
     similarity.fill_diagonal_(-math.inf)
     nearest = similarity.argmax(1)
-    counts = torch.bincount(torch.unique(labels, return_inverse=True)[1])
-    has_partner = counts[torch.unique(labels, return_inverse=True)[1]] > 1
+    _, label_index, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    has_partner = counts[label_index] > 1
     if not has_partner.any():
         return float("nan")
     return (labels[nearest] == labels)[has_partner].float().mean().item()

@@ -22,6 +22,7 @@ common value), and stores both in the checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -132,9 +133,10 @@ def train_judge(args):
     device = torch.device(args.device if args.device != "auto" else
                           "cuda" if torch.cuda.is_available() else "cpu")
     size = args.img_size
-    probe = common.load_celeba(args.data, args.attrs or None, "train", size, args.crop)
-    names = args.attrs or varying_attrs(probe.labels, probe.attr_names)
-    train = common.load_celeba(args.data, names, "train", size, args.crop, verbose=False)
+    loaded = common.load_celeba(args.data, args.attrs or None, "train", size, args.crop)
+    names = loaded.attr_names if args.attrs else varying_attrs(loaded.labels, loaded.attr_names)
+    columns = [loaded.attr_names.index(n) for n in names]  # keep the judged columns only
+    train = dataclasses.replace(loaded, labels=loaded.labels[:, columns], attr_names=names)
     test = common.load_celeba(args.data, names, "test", size, args.crop, verbose=False)
     if len(test.images) == 0:
         raise InputError(f"the test split of {args.data} is empty: the judge needs held-out images")

@@ -9,7 +9,6 @@ from PIL import Image
 
 import common
 import dual_transfer as dt
-from dual_transfer import InputError
 
 torch.set_num_threads(1)
 
