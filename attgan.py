@@ -1131,6 +1131,9 @@ def train(args):
             clock += time.time() - saving
     if world_size > 1:
         check_ranks_agree(g, d, world_size, say)
+        # Every rank waits here until all are done communicating: a rank that tears down its
+        # gloo connections while another still reads from them can abort it ("connection reset").
+        dist.barrier()
         dist.destroy_process_group()
     if is_main and metrics_path.exists():
         records = common.read_jsonl(metrics_path)
