@@ -136,7 +136,7 @@ def evaluate(method, ckpt, data="demo", judge_path=None, split="test", max_image
     """Load the method's checkpoint and the judge, then score_model(...) -> a JSON-ready dict."""
     if method not in METHODS:
         raise InputError(f"unknown --method {method!r}; expected one of {', '.join(METHODS)}")
-    model = importlib.import_module(method).load_for_eval(ckpt, device)
+    model = importlib.import_module(f"adapters.{method}").load(ckpt, device)
     result = score_model(model, load_judge(judge_path, device), data, split, max_images,
                          true_images)
     result = {"method": method, "ckpt": str(ckpt), "judge": str(judge_path), **result}
