@@ -1,127 +1,75 @@
 """AttGAN: facial attribute editing by only changing what you want.
 
-Reimplements **AttGAN** (Zhenliang He, Wangmeng Zuo, Meina Kan, Shiguang Shan, Xilin Chen,
-"AttGAN: Facial Attribute Editing by Only Changing What You Want", IEEE TIP 2019,
-https://arxiv.org/abs/1711.10678), with the defaults of the official code (the TensorFlow original
-LynnHo/AttGAN-Tensorflow and its PyTorch port elvisyjlin/AttGAN-PyTorch).
+Paper: Zhenliang He, Wangmeng Zuo, Meina Kan, Shiguang Shan, Xilin Chen, "AttGAN: Facial Attribute
+Editing by Only Changing What You Want", IEEE TIP 2019, https://arxiv.org/abs/1711.10678.
+Code followed: LynnHo/AttGAN-Tensorflow at commit 4b00e6c (the TIP-paper "v1": models.py, train.py,
+data.py, test.py), which the PyTorch port elvisyjlin/AttGAN-PyTorch follows. The repository's HEAD
+is a later "v2" with other defaults; nothing here comes from it.
 
-An encoder G_enc turns a face x into feature maps z; a decoder G_dec redraws the face from z and an
-attribute vector. Asked for the face's own attributes a it must give x back (reconstruction);
-asked for other attributes b it must give a face that a classifier C reads as b, and that a critic
-D cannot tell from a real photo. Reconstruction keeps everything the attributes do not describe
-(identity, pose, background); the classifier forces the attributes to change. There is no latent
-constraint: z is free to carry attribute information, the paper's point against "disentangled"
-encoders. D and C share one convolutional trunk.
+The idea. An encoder G_enc turns a face x into feature maps z; a decoder G_dec redraws a face from
+z and an attribute vector. Given the face's own attributes a it must give x back; given other
+attributes b it must give a face that a classifier C reads as b and that a critic D cannot tell
+from a photo. Reconstruction keeps what the attributes do not describe (identity, pose,
+background); the classifier makes the attributes change. z is left free (no latent constraint):
+the paper's point against "disentangled" encoders. D and C share one convolutional trunk.
 
-Objective (WGAN-GP; a = source attributes, b = target attributes, both 0/1)
---------------------------------------------------------------------------
-    x̂_b = G_dec(G_enc(x), b')        the edit         b' = (2b − 1)·thres_int  (±0.5)
-    x̂_a = G_dec(G_enc(x), a')        the reconstruction
-    L_D = −D(x) + D(x̂_b) + λ_gp·(‖∇_x̃ D(x̃)‖₂ − 1)² + λ_cls_d·BCE(C(x), a)
-          x̃ = α·x + (1 − α)·x̂_b, α ~ U(0, 1) per image                (Eq. 9 and 10 of the paper)
-    L_G = −D(x̂_b) + λ_cls_g·BCE(C(x̂_b), b) + λ_rec·‖x − x̂_a‖₁          (Eq. 8)
-    λ_rec = 100, λ_cls_g = 10, λ_cls_d = 1, λ_gp = 10 (all means over the batch / pixels)
+Objective (WGAN-GP; a, b in {0, 1}^A; the paper's Eq. 14 and 15, weights of v1 train.py)
+    x̂_b = G_dec(G_enc(x), b')   x̂_a = G_dec(G_enc(x), a')   a' = (2a − 1)·thres_int (±0.5)
+    L_D = D(x̂_b) − D(x) + λ_gp·(‖∇D(x̃)‖₂ − 1)² + λ_3·BCE(C(x), a),  x̃ = α·x + (1 − α)·x̂_b
+    L_G = −D(x̂_b) + λ_2·BCE(C(x̂_b), b) + λ_1·‖x − x̂_a‖₁      λ_1 100, λ_2 10, λ_3 1, λ_gp 10
 
-Paper notation -> code
-----------------------
-    x, a            img_real, attr_src          (B, 3, H, W) in [-1, 1], (B, A) in {0, 1}
-    b               attr_tgt                    shuffled rows of attr_src, made consistent
-    a', b'          signed(a, thres_int)        what G_dec actually sees: ±thres_int
-    G_enc, G_dec    Generator.encode/.decode
-    D, C            Discriminator -> (adv (B,), cls logits (B, A)): one trunk, two FC heads
-    λ_1, λ_2, λ_3   lambda_rec, lambda_cls_g, lambda_cls_d   (the official code's names)
+Notation -> code
+    x, a, b         img_real (B, 3, H, W) in [-1, 1], attr_src, attr_tgt (B, A) in {0, 1}
+    a', b'          signed(attrs, thres_int): what G_dec sees
+    G_enc, G_dec    Generator.encode, Generator.decode;  G(x, a') = decode(encode(x), a')
+    D, C            Discriminator(x) -> (critic score (B,), attribute logits (B, A))
+    λ_1, λ_2, λ_3   lambda_rec, lambda_cls_g, lambda_cls_d
 
-Shapes (128 px, defaults: 5 layers, dim 64, max 1024, shortcut 1, inject 1, A = 13)
-------------------------------------------------------------------------------------
-    G_enc: x (B, 3, 128, 128) -> (B, 64, 64, 64) -> (B, 128, 32, 32) -> (B, 256, 16, 16)
-           -> (B, 512, 8, 8) -> (B, 1024, 4, 4)          each: conv 4x4 s2, BatchNorm, LeakyReLU 0.2
-    G_dec: [z (B, 1024, 4, 4), b' tiled (B, 13, 4, 4)]                     bottleneck injection
-           -> (B, 1024, 8, 8) ++ encoder (B, 512, 8, 8) ++ b' (B, 13, 8, 8)   shortcut 1, inject 1
-           -> (B, 512, 16, 16) -> (B, 256, 32, 32) -> (B, 128, 64, 64)  deconv 4x4 s2, BN, ReLU
-           -> (B, 3, 128, 128)                                           last deconv, tanh
-    D:     x -> (B, 64, 64, 64) ... -> (B, 1024, 4, 4)         conv 4x4 s2, InstanceNorm, LReLU
-           flatten (B, 16384) -> FC 1024, ReLU -> FC 1   (adversarial head)
-                              -> FC 1024, ReLU -> FC A   (attribute head; separate weights)
-    --shortcut-layers K concatenates the encoder map of the same scale after the first K decoder
-    layers (U-Net style); --inject-layers K tiles b' after the first K decoder layers, on top of
-    the bottleneck injection that is always there (the official code's counting: inject 0 =
-    bottleneck only). 64 px: every map is half as wide (bottleneck 2x2); 256 px: twice.
+Shapes (128 px; 5 layers, dim 64, max 1024, shortcut 1, inject 1, A = 13)
+    G_enc  x -> (B, 64, 64, 64) -> ... -> z (B, 1024, 4, 4)    conv 4x4 s2, BatchNorm, LeakyReLU
+    G_dec  [z, b' tiled (B, 13, 4, 4)] -> (B, 1024, 8, 8) ++ enc (B, 512, 8, 8) ++ b' (B, 13, 8, 8)
+           -> (B, 512, 16, 16) -> (B, 256, 32, 32) -> (B, 128, 64, 64) -> tanh (B, 3, 128, 128)
+    D      x -> (B, 1024, 4, 4) (conv 4x4 s2, InstanceNorm, LeakyReLU) -> flatten (B, 16384)
+           -> FC 1024, LeakyReLU -> FC 1 (critic);  FC 1024, LeakyReLU -> FC A (classifier)
 
-Training schedule (the official loop)
--------------------------------------
-Each step draws one batch and makes ONE update: steps 1..n_d update D, step n_d + 1 updates G,
-and so on (n_d = 5). So G is updated on every 6th step, and img/s counts every step's batch.
-The target attributes b are the batch's own attribute rows in a random order (a realistic
-combination, as the official code does), made consistent by `make_consistent`. Adam 2e-4,
-betas (0.5, 0.999); the learning rate drops ×0.1 at --lr-decay-step (official: 200 epochs,
-lr / 10^(epoch // 100), i.e. ×0.1 at epoch 100 = step 568,700). Default --steps = 200 epochs of the
-official 182,000 training images at batch 32 (5,687 steps per epoch).
+Schedule (v1 train.py): Adam 2e-4, betas (0.5, 0.999); one update per batch, n_d = 5 D updates
+then one G update; 200 epochs, lr × 0.1 from epoch 100. b = the batch's rows shuffled (no
+conflict rule in training). Test time (test.py): the edited attribute gets ±test_int (1.0), the
+others ±thres_int; the conflict rule (data.py check_attribute_conflict) switches off the rivals
+of an attribute turned on; c385855 removed its Mustache/No_Beard pair as wrong, and so do we.
 
-Test-time editing (official test.py): G_dec sees ±thres_int for every attribute except the edited
-one, which gets ±test_int (1.0: twice the training strength, a clearer edit). `edit --set A=v`
-takes any real v in label units (0 = absent, 1 = present; G sees (2v − 1)·test_int), so 0.5 is
-neutral and 1.5 exaggerates; `--slider A` draws strengths −2..+2 (strength s = 2v − 1).
+Deviations, and why
+* Split: the official partition (162,770 train) that common.py gives every method here, not v1's
+  images[:182000]; epochs count the images actually used. Crop: a centre 170 square (the port's
+  CenterCrop(170); v1 takes the box at x 3, y 26 — a 1-2 px shift). Resize: PIL, not bicubic TF.
+* Default --inject-layers 1: v1's code default is 0, but its README trains the published 128 px
+  model with --shortcut_layers 1 --inject_layers 1. D's InstanceNorm has a scale and a shift (the
+  port's; slim.instance_norm has only the shift).
+* Each D step's fakes are made under no_grad, and D scores real and fake in one batch
+  (InstanceNorm is per image, so only the speed changes).
+* CUDA runs in bf16 autocast with TF32 and channels_last by default (v1 is fp32; --no-amp gives
+  fp32); the gradient penalty is always fp32. benchmarks/gpu_check.sh compares bf16 with fp32.
+* Several GPUs: torchrun + DistributedDataParallel; --batch-size is the global batch.
+* `python attgan.py` on a CPU with the demo set uses the cpu-demo preset (PRESETS): a smaller
+  network and a short run, stated in README.md.
 
-Deviations from the official code, and why
-------------------------------------------
-* Convolutions followed by a normalisation have no bias (the norm's shift makes it redundant).
-  Weights use PyTorch's default initialisation, as the PyTorch port.
-* The sample-grid / `edit` attribute conflicts use the official test-time rule
-  (check_attribute_conflict); we also apply it to the shuffled training targets, where the
-  official code applies none (shuffled real rows are nearly always consistent already; CelebA
-  rows with two hair colours are the exception). For whole rows, the attribute listed first in
-  --attrs wins. See `make_consistent`.
-* Fakes for the D step are generated under torch.no_grad() (the port builds the graph and then
-  detaches it: same numbers, more memory). D sees real and fake images in one concatenated batch
-  (InstanceNorm/LayerNorm are per image, so this changes nothing but the speed).
-* One --n-layers for encoder, decoder and discriminator (the official code has three knobs, all 5).
-* The learning-rate drop is placed by a step number (--lr-decay-step) instead of an epoch, as
-  everything here counts steps; the presets move it to the middle of their shorter runs.
-* --d-norm layer (GroupNorm with one group = LayerNorm over C, H, W) reproduces the TF original's
-  D, --d-norm instance (default) the port's. Never BatchNorm: the gradient penalty is a
-  per-image quantity, and batch statistics would make each image's score depend on the others.
-* Several GPUs: DistributedDataParallel; --batch-size is the global batch, split over the ranks.
-  BatchNorm statistics stay per rank (no SyncBatchNorm), like DataParallel in the port.
-* On a CPU with the demo data, `--preset auto` (the default) switches to the small `cpu-demo`
-  preset (64 px, widths 16 up to 128, n_d 2, 1,500 steps, lr drop at step 1,200; see
-  CPU_DEMO_PRESET) so that `python attgan.py` finishes in minutes;
-  `--preset paper` keeps the paper's configuration anywhere.
-
-Commands
---------
-    python attgan.py                                  # demo set; on a CPU the cpu-demo preset
-    python attgan.py --data ./celeba                  # the paper's configuration (128 px, 13 attrs)
-    python attgan.py --data ./celeba --img-size 64 --out runs/attgan64
-    python attgan.py --data ./celeba --resume         # continue runs/attgan/ckpt.pt exactly
-    torchrun --nproc_per_node 4 attgan.py --data ./celeba    # DistributedDataParallel
-    python attgan.py --smoke --out /tmp/attgan_smoke  # seconds, end to end
-    python attgan.py edit --ckpt runs/attgan/ckpt.pt --image me.jpg --set Eyeglasses=1 \\
-        --set Blond_Hair=0.5 --out me_edited.png
-    python attgan.py edit --ckpt runs/attgan/ckpt.pt --image me.jpg --slider Male
-    python attgan.py edit --ckpt runs/attgan/ckpt.pt --index 3      # a validation image, all flips
-    python attgan.py benchmark --img-size 128 --batch-size 32 --iters 60   # img/s of training
-
-Outputs in --out: ckpt.pt (G, D, both optimizers, step, config, attribute names, RNG), metrics.jsonl,
-losses.png, samples/step_XXXXXX.png (rows: fixed validation faces; columns: input | reconstruction
-| each attribute flipped).
-
-Evaluation contract (benchmarks/evaluate.py): load_for_eval(ckpt_path, device) returns a namespace
-with attr_names, img_size, crop, edit(images, attr_src, attr_tgt) (attributes that differ get
-±test_int, the rest ±thres_int, as the official test), reconstruct(images) (source attributes read
-by D's classifier head), generate = None, encode = None.
+Run
+    python attgan.py                                # demo set; a CPU picks the cpu-demo preset
+    python attgan.py --data ./celeba                # the paper's configuration
+    torchrun --nproc_per_node 4 attgan.py --data ./celeba
+    python attgan.py edit --ckpt runs/attgan/ckpt.pt --image me.jpg --set Eyeglasses=1
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,308 +77,89 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 from common import InputError
 
 PAPER_ATTRS = ["Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows",
                "Eyeglasses", "Male", "Mouth_Slightly_Open", "Mustache", "No_Beard", "Pale_Skin",
-               "Young"]  # the 13 attributes of the paper, in its order
+               "Young"]  # v1 train.py's att_default, in its order
 
 
-# ================================================================================================
-# Config
-# ================================================================================================
 @dataclass
 class Args:
-    """Train AttGAN (sub-commands: train (default), edit, benchmark; `python attgan.py edit
-    --help`)."""
-    data: str = "demo"
-    """CelebA folder (any layout common.py reads), or 'demo' / 'demo:N' for the synthetic set"""
-    out: str = "runs/attgan"
-    """output folder: ckpt.pt, metrics.jsonl, losses.png, samples/"""
-    attrs: list = field(default_factory=list)
-    """attribute names to edit (default: the paper's 13; on the demo set 13 that it draws)"""
-    img_size: int = 128
-    """image side in pixels; a multiple of 2^n_layers (64, 128, 256)"""
-    crop: int = 170
-    """centre square crop in official 178x218 pixels before resizing (official: 170)"""
-    n_layers: int = 5
-    """conv layers of the encoder, the decoder and the discriminator (official: 5 each)"""
-    enc_dim: int = 64
-    """channels of the first encoder conv, doubling per layer up to --max-dim"""
-    dec_dim: int = 64
-    """channels of the last hidden decoder layer, doubling towards the bottleneck up to --max-dim"""
-    dis_dim: int = 64
-    """channels of the first discriminator conv, doubling per layer up to --max-dim"""
-    max_dim: int = 1024
-    """cap on the channels of any conv layer (official: 1024)"""
-    dis_fc_dim: int = 1024
-    """hidden units of each discriminator head (official: 1024)"""
-    d_norm: str = "instance"
-    """discriminator normalisation: 'instance' (PyTorch port) or 'layer' (TF original)"""
-    shortcut_layers: int = 1
-    """U-Net shortcuts: encoder maps joined after the first K decoder layers"""
-    inject_layers: int = 1
-    """attributes tiled after the first K decoder layers (besides the bottleneck)"""
-    thres_int: float = 0.5
-    """attributes reach G as (2a − 1)·thres_int during training"""
-    test_int: float = 1.0
-    """strength of an edited attribute in sample grids (G sees ±test_int)"""
-    lambda_rec: float = 100.0
-    """weight of the reconstruction loss ‖x − G(x, a)‖₁ (official λ_1)"""
-    lambda_cls_g: float = 10.0
-    """weight of the attribute loss on edited images in L_G (official λ_2)"""
-    lambda_cls_d: float = 1.0
-    """weight of the attribute loss on real images in L_D (official λ_3)"""
-    lambda_gp: float = 10.0
-    """weight of the WGAN-GP gradient penalty"""
-    n_d: int = 5
-    """discriminator updates per generator update (each on its own batch)"""
-    batch_size: int = 32
-    """images per step (global batch: split over the ranks under torchrun)"""
-    steps: int = 1_137_400
-    """training steps, each one D or one G update (default: 200 epochs of 182,000 at batch 32)"""
-    lr: float = 2e-4
-    """Adam learning rate of G and D (betas 0.5, 0.999)"""
-    lr_decay_step: int = 568_700
-    """the learning rate drops ×0.1 from this step on (official: epoch 100 of 200)"""
-    seed: int = 0
-    """seed for the weights, the batches, the target attributes and the penalty's α"""
-    device: str = "auto"
-    """'auto' (cuda, then mps, then cpu), 'cuda', 'cpu', ..."""
-    amp: bool = True
-    """bf16 autocast on CUDA (ignored elsewhere)"""
-    channels_last: bool = True
-    """channels-last memory format on CUDA (faster convolutions on tensor cores)"""
-    compile: bool = False
-    """torch.compile G and D (CUDA; the first steps are slow while it compiles)"""
-    preset: str = "auto"
-    """'auto' (cpu-demo on a CPU with demo data, else paper), 'paper' or 'cpu-demo'"""
-    log_every: int = 100
-    """print a progress line and append to metrics.jsonl every this many steps"""
-    sample_every: int = 5000
-    """write a sample grid every this many steps (and at the end)"""
-    ckpt_every: int = 5000
-    """write ckpt.pt every this many steps (and at the end)"""
-    resume: bool = False
-    """continue from <out>/ckpt.pt (its configuration must match)"""
-    smoke: bool = False
-    """tiny end-to-end run: demo:16, 32 px, 4 layers, tiny widths, 6 steps (seconds on a CPU)"""
+    """Train AttGAN (`python attgan.py edit --help` edits a face with a trained one)."""
+    n_layers: int = 5  # conv layers of the encoder, the decoder and D (official: 5 each)
+    enc_dim: int = 64  # channels of the first encoder conv, doubling per layer up to --max-dim
+    dec_dim: int = 64  # channels of the last hidden decoder layer, doubling towards z
+    dis_dim: int = 64  # channels of D's first conv, doubling per layer up to --max-dim
+    max_dim: int = 1024  # cap on the channels of any conv layer (official: 1024)
+    dis_fc_dim: int = 1024  # hidden units of each D head (official: 1024)
+    shortcut_layers: int = 1  # U-Net shortcuts: encoder maps joined after the first K decoder layers
+    inject_layers: int = 1  # attributes tiled again after the first K decoder layers
+    thres_int: float = 0.5  # attributes reach G as (2a − 1)·thres_int in training
+    test_int: float = 1.0  # the edited attribute's strength at test time (G sees ±test_int)
+    lambda_rec: float = 100.0  # λ_1, weight of the reconstruction ‖x − x̂_a‖₁
+    lambda_cls_g: float = 10.0  # λ_2, weight of the attribute loss on edits in L_G
+    lambda_cls_d: float = 1.0  # λ_3, weight of the attribute loss on real images in L_D
+    lambda_gp: float = 10.0  # weight of the WGAN-GP gradient penalty
+    n_d: int = 5  # D updates per G update (each update on its own batch)
+    lr: float = 2e-4  # Adam learning rate of G and D (betas 0.5, 0.999)
+    epochs: float = 200.0  # training length, in epochs of the training split
+    lr_decay_epoch: float = 100.0  # the learning rate drops ×0.1 from this epoch on
+    batch_size: int = 32  # images per update (the global batch under torchrun)
+    data: str = "demo"  # a CelebA folder (any layout common.py reads), 'demo' or 'demo:N'
+    attrs: list = field(default_factory=list)  # attributes to edit (default: the paper's 13)
+    img_size: int = 128  # image side in pixels, a multiple of 2^n_layers
+    crop: int = 170  # centre square crop, in official 178x218 pixels, before resizing
+    steps: int = 0  # stop after this many updates (0: all --epochs; the schedule follows --epochs)
+    out: str = "runs/attgan"  # run folder: ckpt.pt, metrics.jsonl, losses.png, samples/
+    seed: int = 0  # seed of the weights, the batches, the targets and the penalty's α
+    device: str = "auto"  # 'auto' (cuda, mps, cpu), 'cuda', 'cuda:1', 'cpu', ...
+    amp: bool = True  # bf16 autocast on CUDA (ignored elsewhere)
+    compile: bool = False  # torch.compile G and D (CUDA; slow first steps while it compiles)
+    preset: str = "auto"  # 'auto' (cpu-demo on a CPU with the demo set, else paper), 'paper', 'cpu-demo'
+    log_every: int = 100  # print a line and append to metrics.jsonl every this many updates
+    sample_every: int = 5000  # write samples/step_XXXXXX.png every this many updates, and at the end
+    ckpt_every: int = 5000  # write ckpt.pt every this many updates, and at the end
+    resume: bool = False  # continue the run in --out exactly where its checkpoint stopped
+    smoke: bool = False  # a tiny end-to-end run on demo:16 (seconds on a CPU); tests use it
 
 
-# Fields a resumed run must share with its checkpoint: everything that changes the model shapes,
-# the data, the batches or the trajectory. (--steps may grow: a resumed run can train longer.)
+POSITIVE = ("n_layers", "enc_dim", "dec_dim", "dis_dim", "max_dim", "dis_fc_dim", "thres_int",
+            "test_int", "n_d", "lr", "epochs", "batch_size", "img_size", "crop", "log_every",
+            "sample_every", "ckpt_every")
+# Applied to the fields the user did not give. cpu-demo: see README.md for what it changes and why.
+PRESETS = {
+    "smoke": dict(data="demo:16", img_size=32, n_layers=4, enc_dim=8, dec_dim=8, dis_dim=8,
+                  max_dim=32, dis_fc_dim=32, batch_size=8, n_d=1, steps=6, lr_decay_epoch=0.1,
+                  log_every=2, sample_every=3, ckpt_every=3),
+    "cpu-demo": dict(img_size=64, enc_dim=16, dec_dim=16, dis_dim=16, max_dim=128,
+                     dis_fc_dim=128, n_d=2, epochs=10.0, lr_decay_epoch=8.0, log_every=50,
+                     sample_every=500, ckpt_every=500),
+}
+# A resumed run must share these with its checkpoint (--steps may grow).
 RESUME_MUST_MATCH = ("data", "attrs", "img_size", "crop", "n_layers", "enc_dim", "dec_dim",
-                     "dis_dim", "max_dim", "dis_fc_dim", "d_norm", "shortcut_layers",
-                     "inject_layers", "thres_int", "lambda_rec", "lambda_cls_g", "lambda_cls_d",
-                     "lambda_gp", "n_d", "batch_size", "lr", "lr_decay_step", "seed")
-
-# --smoke: applied to the fields still at their defaults (so `--smoke --steps 2` runs 2 steps).
-# n_d = 1 so that a handful of steps exercises both updates.
-SMOKE = dict(data="demo:16", img_size=32, n_layers=4, enc_dim=8, dec_dim=8, dis_dim=8, max_dim=32,
-             dis_fc_dim=32, batch_size=8, n_d=1, steps=6, lr_decay_step=3, log_every=2,
-             sample_every=3, ckpt_every=3)
-
-# `--preset cpu-demo` (chosen by `--preset auto` on a CPU with demo data): the same method at
-# 64 px with narrower networks and fewer steps, so `python attgan.py` shows recognisable edits
-# after a few minutes on two CPU cores. Applied to the fields still at their defaults.
-# n_d = 2 gives G a third of the updates instead of a sixth: in so short a run the
-# reconstruction, which needs G updates, is what makes the grid readable.
-CPU_DEMO_PRESET = dict(img_size=64, enc_dim=16, dec_dim=16, dis_dim=16, max_dim=128,
-                       dis_fc_dim=128, n_d=2, steps=1500, lr_decay_step=1200, log_every=50,
-                       sample_every=500, ckpt_every=500)
+                     "dis_dim", "max_dim", "dis_fc_dim", "shortcut_layers", "inject_layers",
+                     "thres_int", "lambda_rec", "lambda_cls_g", "lambda_cls_d", "lambda_gp", "n_d",
+                     "batch_size", "lr", "epochs", "lr_decay_epoch", "seed")
 
 
-@dataclass
-class EditArgs:
-    """Edit a face with a trained AttGAN: your own photo (--image) or a validation image (--index).
-    Its attributes are read by the discriminator's classifier head and printed; the edits are
-    relative to them (python attgan.py edit --ckpt runs/attgan/ckpt.pt --image me.jpg --set
-    Eyeglasses=1 --out me_edited.png)."""
-    ckpt: str = "runs/attgan/ckpt.pt"
-    """checkpoint written by training"""
-    image: str = None
-    """a photo (jpg/png); put the face in the middle, filling most of the frame"""
-    index: int = 0
-    """without --image: this image of the checkpoint's dataset ('val' split)"""
-    data: str = None
-    """dataset for --index (default: the checkpoint's)"""
-    set: list = field(default_factory=list)
-    """Attr=value edits, repeatable (0 = absent, 1 = present; any real value, 0.5 = neutral)"""
-    slider: str = None
-    """write a strip of this attribute from strength −2 to +2 (strength = 2·value − 1)"""
-    test_int: float = 1.0
-    """strength scale of edited attributes (G sees (2·value − 1)·test_int)"""
-    out: str = None
-    """output PNG (default: edit.png / slider_<Attr>.png beside the checkpoint)"""
-    device: str = "cpu"
-    """device to run G and D on"""
-
-
-@dataclass
-class BenchArgs:
-    """Time training steps on random images and print img/s (each D or G update counts its batch):
-    python attgan.py benchmark --img-size 128 --batch-size 32 --iters 60."""
-    img_size: int = 128
-    """image side in pixels"""
-    batch_size: int = 32
-    """images per step"""
-    iters: int = 60
-    """timed steps (n_d D updates per G update, as in training)"""
-    warmup: int = 12
-    """untimed steps first (cuDNN autotune, torch.compile)"""
-    width: int = 64
-    """enc/dec/dis dim (64 = the paper's networks)"""
-    num_attrs: int = 13
-    """length of the attribute vector"""
-    device: str = "auto"
-    """'auto', 'cuda', 'cpu', ..."""
-    amp: bool = True
-    """bf16 autocast on CUDA"""
-    channels_last: bool = True
-    """channels-last memory format on CUDA"""
-    compile: bool = False
-    """torch.compile G and D"""
-
-
-# ================================================================================================
-# Shared boilerplate (the source of the verbatim copies in the other method files)
-# ================================================================================================
-def parse_dataclass(cls, argv=None, prog=None):
-    """Build the command line from a dataclass and return an instance of it.
-
-    Every field becomes `--field-name`, with the field's default and the docstring written under
-    the field (read from the class source) as its --help text. Booleans get `--flag/--no-flag`,
-    list fields take several values, and a field whose default is None reads a string.
-    """
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        option = dict(default=default, help=docs.get(f.name, " "))
-        if isinstance(default, bool):
-            option["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, list):
-            option.update(nargs="*", type=type(default[0]) if default else str)
-        else:
-            option["type"] = str if default is None else type(default)
-        parser.add_argument("--" + f.name.replace("_", "-"), **option)
-    return cls(**vars(parser.parse_args(argv)))
-
-
-def pick_device(name):
-    """'auto' takes CUDA, then Apple's MPS, then the CPU; CUDA gets TF32 matmuls and cuDNN autotune."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-    return device
-
-
-def autocast(device, enabled):
-    """bf16 autocast on CUDA when enabled; a no-op context elsewhere (CPU runs stay in fp32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
-def rng_state():
-    """Every random-number generator the training loop draws from, for an exact resume."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    """Restore what rng_state() captured."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, state):
-    """Write `state` to a temporary file, then rename it over `path`: the rename is atomic, so a
-    crash mid-save leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, config=None, must_match=()):
-    """Read a checkpoint (tensors and plain values only: weights_only=True). With `config` (a dict),
-    refuse a checkpoint whose saved config differs on any field in `must_match`, naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint not found: {path} (expected a ckpt.pt written by training)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise InputError(f"cannot read checkpoint {path}: {err}") from err
-    for name in must_match if config is not None else ():
-        saved, wanted = state["config"].get(name), config.get(name)
-        if saved != wanted:
-            raise InputError(f"checkpoint {path} was trained with {name}={saved!r}, but this run "
-                             f"has {name}={wanted!r}; use the same setting or another --out")
-    return state
-
-
-def append_jsonl(path, record):
-    """Append one JSON line (metrics.jsonl: one line per logged step)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def trim_jsonl(path, max_step):
-    """On resume, drop lines logged after the checkpoint's step (they will be logged again)."""
-    path = Path(path)
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines()
-                 if line.strip() and json.loads(line)["step"] <= max_step]
-        path.write_text("".join(line + "\n" for line in lines))
-
-
-# ================================================================================================
-# Model
-# ================================================================================================
-def signed(attrs, intensity):
-    """0/1 attributes -> what G_dec sees: (2a − 1)·intensity, i.e. ±thres_int in training.
-
-    Why not feed 0/1? A symmetric code makes "absent" an active signal of the same size as
-    "present", and the small training scale (0.5) leaves headroom: at test time ±1 (test_int)
-    gives a stronger edit, and any value in between a partial one (the slider)."""
-    return (attrs * 2 - 1) * intensity
-
-
-def tile(attr_input, size):
-    """(B, A) -> (B, A, h, w): the attribute vector repeated at every position of an (h, w) map."""
-    return attr_input[:, :, None, None].expand(-1, -1, *size)
-
-
+# Model -------------------------------------------------------------------------------------------
 class Generator(nn.Module):
-    """Encoder-decoder with U-Net shortcuts and attribute injection (see the header for shapes)."""
+    """G_enc + G_dec with U-Net shortcuts and attribute injection (shapes in the header)."""
 
     def __init__(self, num_attrs, n_layers=5, enc_dim=64, dec_dim=64, max_dim=1024,
                  shortcut_layers=1, inject_layers=1):
         super().__init__()
-        # At most n_layers − 1 decoder layers have a same-scale encoder map / a hidden output.
+        # Only the first n_layers − 1 decoder layers have a same-scale encoder map to join.
         self.shortcut_layers = min(shortcut_layers, n_layers - 1)
         self.inject_layers = min(inject_layers, n_layers - 1)
         enc_channels = [min(enc_dim * 2 ** i, max_dim) for i in range(n_layers)]  # 64 ... 1024
-        self.encoder = nn.ModuleList()
-        in_ch = 3
-        for out_ch in enc_channels:
+        self.encoder, in_ch = nn.ModuleList(), 3
+        for out_ch in enc_channels:  # no conv bias before a BatchNorm: its shift makes it redundant
             self.encoder.append(nn.Sequential(
                 nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False),  # halves H, W
                 nn.BatchNorm2d(out_ch), nn.LeakyReLU(0.2)))
@@ -444,60 +173,59 @@ class Generator(nn.Module):
                 nn.BatchNorm2d(out_ch), nn.ReLU()))
             in_ch = out_ch
             if i < self.shortcut_layers:
-                in_ch += enc_channels[n_layers - 2 - i]  # encoder map of the same scale
+                in_ch += enc_channels[n_layers - 2 - i]  # the encoder map of the same scale
             if i < self.inject_layers:
                 in_ch += num_attrs
         self.decoder.append(nn.Sequential(
             nn.ConvTranspose2d(in_ch, 3, 4, stride=2, padding=1), nn.Tanh()))  # (B, 3, H, W)
 
     def encode(self, images):
-        """(B, 3, H, W) -> list of every encoder map; the last one is z, (B, 1024, H/32, W/32)."""
-        features = []
+        """(B, 3, H, W) -> every encoder map, coarsest last: z = maps[-1], (B, 1024, H/32, W/32)."""
+        maps = []
         for layer in self.encoder:
             images = layer(images)
-            features.append(images)
-        return features
+            maps.append(images)
+        return maps
 
-    def decode(self, features, attr_input):
-        """Encoder maps + attributes as G sees them (B, A), e.g. ±thres_int -> (B, 3, H, W)."""
-        hidden = torch.cat([features[-1], tile(attr_input, features[-1].shape[-2:])], 1)
+    def decode(self, maps, attr_input):
+        """Encoder maps + the attributes as G sees them (B, A), e.g. ±thres_int -> (B, 3, H, W)."""
+        hidden = torch.cat([maps[-1], tile(attr_input, maps[-1].shape[-2:])], 1)
         for i, layer in enumerate(self.decoder):
             hidden = layer(hidden)
             if i < self.shortcut_layers:  # (B, 1024, 8, 8) ++ (B, 512, 8, 8) for i = 0
-                hidden = torch.cat([hidden, features[len(features) - 2 - i]], 1)
+                hidden = torch.cat([hidden, maps[len(maps) - 2 - i]], 1)
             if i < self.inject_layers:  # ++ (B, A, 8, 8) for i = 0
                 hidden = torch.cat([hidden, tile(attr_input, hidden.shape[-2:])], 1)
         return hidden
 
-    def forward(self, images, *attr_inputs):
-        """Encode once, decode once per attribute tensor: G(x, b') -> edit; G(x, b', a') -> (edit,
-        reconstruction). One forward call for all, so DistributedDataParallel sees every use."""
-        features = self.encode(images)
-        outputs = tuple(self.decode(features, a) for a in attr_inputs)
-        return outputs[0] if len(outputs) == 1 else outputs
+    def forward(self, images, attr_input):
+        return self.decode(self.encode(images), attr_input)
+
+
+def tile(attr_input, size):
+    """(B, A) -> (B, A, h, w): the attribute vector repeated at every position of an (h, w) map."""
+    return attr_input[:, :, None, None].expand(-1, -1, *size)
 
 
 class Discriminator(nn.Module):
-    """Shared conv trunk, then two FC heads: the critic D (a Wasserstein score, (B,)) and the
-    attribute classifier C (logits, (B, A))."""
+    """One conv trunk, two FC heads: the critic D (a Wasserstein score) and the classifier C.
 
-    def __init__(self, num_attrs, img_size=128, n_layers=5, dim=64, max_dim=1024, fc_dim=1024,
-                 norm="instance"):
+    Never BatchNorm here: the gradient penalty is a per-image quantity, and batch statistics
+    would make one image's score, and its gradient, depend on the rest of the batch."""
+
+    def __init__(self, num_attrs, img_size=128, n_layers=5, dim=64, max_dim=1024, fc_dim=1024):
         super().__init__()
         layers, in_ch = [], 3
         for i in range(n_layers):
             out_ch = min(dim * 2 ** i, max_dim)
-            # Per-image normalisation only (see the header): the penalty's gradient of one
-            # image's score must not depend on the other images in the batch.
-            norm_layer = (nn.InstanceNorm2d(out_ch, affine=True) if norm == "instance"
-                          else nn.GroupNorm(1, out_ch))  # one group = LayerNorm over (C, H, W)
-            layers += [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False), norm_layer,
-                       nn.LeakyReLU(0.2)]
+            layers += [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False),
+                       nn.InstanceNorm2d(out_ch, affine=True), nn.LeakyReLU(0.2)]
             in_ch = out_ch
         self.trunk = nn.Sequential(*layers, nn.Flatten())  # (B, 1024 * 4 * 4) at 128 px
         flat = in_ch * (img_size // 2 ** n_layers) ** 2
-        self.adv_head = nn.Sequential(nn.Linear(flat, fc_dim), nn.ReLU(), nn.Linear(fc_dim, 1))
-        self.cls_head = nn.Sequential(nn.Linear(flat, fc_dim), nn.ReLU(), nn.Linear(fc_dim, num_attrs))
+        self.adv_head = nn.Sequential(nn.Linear(flat, fc_dim), nn.LeakyReLU(0.2), nn.Linear(fc_dim, 1))
+        self.cls_head = nn.Sequential(nn.Linear(flat, fc_dim), nn.LeakyReLU(0.2),
+                                      nn.Linear(fc_dim, num_attrs))
 
     def forward(self, images):
         """(B, 3, H, W) -> (critic score (B,), attribute logits (B, A))."""
@@ -505,148 +233,117 @@ class Discriminator(nn.Module):
         return self.adv_head(features).squeeze(1), self.cls_head(features)
 
 
-def check_config(config):
-    """Refuse settings the networks cannot be built with, with one clear line."""
+def build_models(config, num_attrs):
+    """(Generator, Discriminator) from a config dict (Args as a dict, or a checkpoint's)."""
     size, layers = config["img_size"], config["n_layers"]
     if size % 2 ** layers or size < 2 ** (layers + 1):
-        raise InputError(f"--img-size {size} must be a multiple of 2^n_layers = {2 ** layers} and "
-                         f"at least {2 ** (layers + 1)} (per-image norms need a 2x2 last map)")
-    if config["d_norm"] not in ("instance", "layer"):
-        raise InputError(f"--d-norm {config['d_norm']!r}: expected 'instance' or 'layer'")
-    if config["preset"] not in ("auto", "paper", "cpu-demo"):
-        raise InputError(f"--preset {config['preset']!r}: expected 'auto', 'paper' or 'cpu-demo'")
-    if config["n_d"] < 1:
-        raise InputError("--n-d must be at least 1")
+        raise InputError(f"--img-size {size}: expected a multiple of 2^n_layers = {2 ** layers}, "
+                         f"at least {2 ** (layers + 1)} (InstanceNorm needs a 2x2 last map)")
+    g = Generator(num_attrs, layers, config["enc_dim"], config["dec_dim"], config["max_dim"],
+                  config["shortcut_layers"], config["inject_layers"])
+    d = Discriminator(num_attrs, size, layers, config["dis_dim"], config["max_dim"],
+                      config["dis_fc_dim"])
+    return g, d
 
 
-def build_models(config, num_attrs):
-    """(Generator, Discriminator) from a config dict (Args as a dict, or a checkpoint's config)."""
-    generator = Generator(num_attrs, config["n_layers"], config["enc_dim"], config["dec_dim"],
-                          config["max_dim"], config["shortcut_layers"], config["inject_layers"])
-    discriminator = Discriminator(num_attrs, config["img_size"], config["n_layers"],
-                                  config["dis_dim"], config["max_dim"], config["dis_fc_dim"],
-                                  config["d_norm"])
-    return generator, discriminator
+# Attributes: what G sees, the training targets, the test-time conflict rule ----------------------
+def signed(attrs, intensity):
+    """0/1 attributes -> what G_dec sees: (2a − 1)·intensity, ±thres_int in training.
+
+    Why not 0/1? A symmetric code makes "absent" a signal as strong as "present", and the small
+    training scale (0.5) leaves headroom: ±1 at test time (test_int) gives a clearer edit, and any
+    value in between a partial one (the `edit --slider`)."""
+    return (attrs * 2 - 1) * intensity
 
 
-# ================================================================================================
-# Target attributes: shuffled, then made consistent
-# ================================================================================================
-# Attributes that exclude each other (the official check_attribute_conflict): when the key is
-# present, the attributes listed for it are absent. A bald head has no bangs; one hair colour at
-# most; hair is straight or wavy; in CelebA a mustache counts as a beard, so Mustache excludes
-# No_Beard (and No_Beard excludes Mustache).
+def target_attributes(attr_src, generator):
+    """b: the batch's own attribute rows in a random order, so every target is a combination
+    that occurs in real faces (v1 train.py: b = tf.random_shuffle(a)). No conflict rule here."""
+    return attr_src[torch.randperm(len(attr_src), device=attr_src.device, generator=generator)]
+
+
+# The rivals an attribute switches off when it is turned on (v1 data.py check_attribute_conflict,
+# after c385855 removed the Mustache/No_Beard pair: in CelebA a mustache is not "no beard"'s rival).
 HAIR_COLOURS = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
-EXCLUDES = {
-    "Bald": ("Bangs",), "Receding_Hairline": ("Bangs",), "Bangs": ("Bald", "Receding_Hairline"),
-    **{colour: tuple(c for c in HAIR_COLOURS if c != colour) for colour in HAIR_COLOURS},
-    "Straight_Hair": ("Wavy_Hair",), "Wavy_Hair": ("Straight_Hair",),
-    "Mustache": ("No_Beard",), "No_Beard": ("Mustache",),
-}
+RIVALS = {"Bald": ("Bangs",), "Receding_Hairline": ("Bangs",), "Bangs": ("Bald", "Receding_Hairline"),
+          **{c: tuple(r for r in HAIR_COLOURS if r != c) for c in HAIR_COLOURS},
+          "Straight_Hair": ("Wavy_Hair",), "Wavy_Hair": ("Straight_Hair",)}
 
 
-def make_consistent(attrs, attr_names, changed=None):
-    """Switch off attributes that contradict a present one -> a new (B, A) tensor.
-
-    `changed` (a column index): that attribute was just set, so it wins: if present (> 0.5), its
-    rivals become 0 (the official test-time rule, used for the sample grids and `edit`).
-    `changed=None` (whole rows, e.g. the shuffled training targets): columns are visited in
-    --attrs order and each present one switches off its rivals, so the one listed first wins.
-    Only the attributes in attr_names take part. Works on any values; "present" means > 0.5.
-    """
-    attrs = attrs.clone()
-    order = [changed] if changed is not None else range(len(attr_names))
-    for k in order:
-        rivals = [attr_names.index(r) for r in EXCLUDES.get(attr_names[k], ()) if r in attr_names]
-        if rivals:
-            present = attrs[:, k:k + 1] > 0.5  # (B, 1)
-            attrs[:, rivals] = torch.where(present, torch.zeros_like(attrs[:, rivals]),
-                                           attrs[:, rivals])
-    return attrs
-
-
-def target_attributes(attr_src, attr_names, generator):
-    """b: the batch's attribute rows in a random order (realistic combinations, as the official
-    code), made consistent. `generator`: a torch.Generator on the batch's device."""
-    order = torch.randperm(len(attr_src), device=attr_src.device, generator=generator)
-    return make_consistent(attr_src[order], attr_names)
+def edit_inputs(attr_src, attr_names, thres_int, test_int, changes):
+    """What G sees to edit rows attr_src (B, A) as asked by `changes` {column: value}, the value in
+    label units (0 absent, 1 present, 0.5 neutral; a tensor (B,) or a number), as v1 test.py:
+    a changed attribute at (2v − 1)·test_int; a rival of one turned on (v > 0.5) at −thres_int;
+    every other attribute at ±thres_int. -> (B, A)"""
+    attr_tgt = attr_src.clone()
+    for k, value in changes.items():
+        rivals = [attr_names.index(r) for r in RIVALS.get(attr_names[k], ()) if r in attr_names]
+        on = (torch.as_tensor(value, device=attr_src.device) > 0.5).expand(len(attr_src))
+        for r in rivals:
+            if r not in changes:
+                attr_tgt[on, r] = 0.0
+    inputs = signed(attr_tgt, thres_int)
+    for k, value in changes.items():
+        inputs[:, k] = signed(torch.as_tensor(value, dtype=inputs.dtype, device=inputs.device),
+                              test_int)
+    return inputs
 
 
-# ================================================================================================
-# Losses (one function per term of L_D and L_G)
-# ================================================================================================
+# Losses: one function per term of L_D and L_G ----------------------------------------------------
 def loss_adv_d(score_real, score_fake):
-    """WGAN critic loss: −(E[D(x)] − E[D(x̂_b)]) = −Wasserstein estimate."""
+    """L_adv_d = −(E[D(x)] − E[D(x̂_b)]), minus the Wasserstein estimate (Eq. 12)."""
     return score_fake.float().mean() - score_real.float().mean()
 
 
 def loss_adv_g(score_fake):
-    """WGAN generator loss: −E[D(x̂_b)]."""
+    """L_adv_g = −E[D(x̂_b)] (Eq. 13)."""
     return -score_fake.float().mean()
 
 
 def loss_cls(attr_logits, attrs):
-    """Attribute classification BCE(C(·), attrs), averaged over images and attributes."""
+    """BCE(C(·), attrs), the mean over images and attributes: L_cls_g on edits (Eq. 7-8),
+    L_cls_c on real images (Eq. 9-10)."""
     return F.binary_cross_entropy_with_logits(attr_logits.float(), attrs)
 
 
 def loss_rec(img_recon, img_real):
-    """Reconstruction ‖x − x̂_a‖₁, the mean absolute pixel difference."""
-    return (img_recon.float() - img_real).abs().mean()
+    """L_rec = ‖x − x̂_a‖₁, as the mean absolute pixel difference (Eq. 11)."""
+    return (img_recon.float() - img_real.float()).abs().mean()
 
 
 def gradient_penalty(critic, img_real, img_fake, alpha):
-    """WGAN-GP (Gulrajani et al. 2017): E[(‖∇_x̃ D(x̃)‖₂ − 1)²] on x̃ = α·x + (1 − α)·x̂, one α per image.
+    """WGAN-GP: E[(‖∇_x̃ D(x̃)‖₂ − 1)²] at x̃ = α·x + (1 − α)·x̂_b, one α ~ U(0, 1) per image, on
+    the line between a real image and its edit. create_graph=True: the penalty's gradient reaches
+    D's weights through a double backward, so `critic` must be the eager (uncompiled) D.
 
-    `critic` maps images -> scores (B,). The gradient is taken with create_graph=True, so the
-    penalty's own gradient reaches D's weights (a double backward).
-
-    Precision under bf16 autocast: the forward may run in bf16, but the norm and the penalty are
-    computed here in fp32 with autocast off. ‖g‖ sums the squares of 3·H·W values per image; in
-    bf16 (8 bits of mantissa) that sum is only good to ~0.4 %, and (‖g‖ − 1)² near its optimum
-    compares two numbers that agree to that precision: the penalty and its gradient would be
-    mostly rounding noise. In fp32 they are exact enough; bf16's fp32-sized exponent means the
-    gradient itself never under- or overflows, so no loss scaling is needed.
-    """
+    Under bf16 autocast the forward may run in bf16, but the norm and the penalty are fp32: ‖g‖
+    sums 3·H·W squares, good to ~0.4 % in bf16's 8-bit mantissa, and (‖g‖ − 1)² near its optimum
+    would then be mostly rounding noise. bf16 keeps fp32's exponent: no loss scaling needed."""
     interp = (alpha * img_real + (1 - alpha) * img_fake).requires_grad_(True)
-    score = critic(interp)
-    (grad,) = torch.autograd.grad(score.float().sum(), interp, create_graph=True)
+    (grad,) = torch.autograd.grad(critic(interp).float().sum(), interp, create_graph=True)
     with torch.autocast(interp.device.type, enabled=False):
-        grad_norm = grad.float().flatten(1).norm(2, dim=1)  # (B,), fp32
+        grad_norm = grad.float().flatten(1).norm(2, dim=1)  # (B,)
         return ((grad_norm - 1) ** 2).mean()
 
 
-# ================================================================================================
-# Training steps
-# ================================================================================================
-@dataclass
-class Nets:
-    """The networks as each use needs them. `g`, `d`: the plain modules (saved, and used for the
-    gradient penalty, which needs an eager double backward). `g_train`, `d_train`: what the
-    updates call (DistributedDataParallel-wrapped and/or compiled). `g_fake`, `d_judge`: G making
-    the D step's fakes and D judging the G step's edits (no DDP: no gradient to synchronise)."""
-    g: nn.Module
-    d: nn.Module
-    g_train: nn.Module
-    d_train: nn.Module
-    g_fake: nn.Module
-    d_judge: nn.Module
+# Training steps: g and d as the loop runs them (maybe compiled, maybe DDP-wrapped) ------------
+def eager(model):
+    """The plain module under DDP and torch.compile wrappers."""
+    model = model.module if isinstance(model, DDP) else model
+    return getattr(model, "_orig_mod", model)
 
 
-def d_step(nets, opt_d, img_real, attr_src, attr_tgt, alpha, args, amp_ctx):
-    """One discriminator update (L_D) -> dict of detached scalar tensors (no host sync)."""
-    for p in nets.d.parameters():
-        p.requires_grad_(True)
-    with torch.no_grad(), amp_ctx():
-        img_fake = nets.g_fake(img_real, signed(attr_tgt, args.thres_int)).float()
-    with amp_ctx():
-        # Real and fake in one batch: InstanceNorm/LayerNorm are per image, so this is exact.
-        score, attr_logits = nets.d_train(torch.cat([img_real, img_fake]))
-        score_real, score_fake = score.chunk(2)
-        adv = loss_adv_d(score_real, score_fake)
-        cls = loss_cls(attr_logits[:len(img_real)], attr_src)
-        gp = gradient_penalty(lambda x: nets.d(x)[0], img_real, img_fake, alpha)
-        loss = adv + args.lambda_gp * gp + args.lambda_cls_d * cls
+def d_step(g, d, opt_d, img_real, attr_src, attr_tgt, alpha, args):
+    """One update of D and C on L_D -> dict of detached scalars (no host sync)."""
+    d.requires_grad_(True)
+    with torch.no_grad():
+        img_fake = g(img_real, signed(attr_tgt, args.thres_int)).to(img_real.dtype)
+    score, attr_logits = d(torch.cat([img_real, img_fake]))  # InstanceNorm is per image: exact
+    score_real, score_fake = score.chunk(2)
+    adv = loss_adv_d(score_real, score_fake)
+    cls = loss_cls(attr_logits[:len(img_real)], attr_src)
+    gp = gradient_penalty(lambda x: eager(d)(x)[0], img_real, img_fake, alpha)
+    loss = adv + args.lambda_gp * gp + args.lambda_cls_d * cls
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
     opt_d.step()
@@ -655,19 +352,17 @@ def d_step(nets, opt_d, img_real, attr_src, attr_tgt, alpha, args, amp_ctx):
             "d_cls": cls.detach(), "d_acc": accuracy.detach()}
 
 
-def g_step(nets, opt_g, img_real, attr_src, attr_tgt, args, amp_ctx):
-    """One generator update (L_G) -> dict of detached scalar tensors. D's weights are frozen so
-    no gradient is computed for them (they would be discarded)."""
-    for p in nets.d.parameters():
-        p.requires_grad_(False)
-    with amp_ctx():
-        img_fake, img_recon = nets.g_train(img_real, signed(attr_tgt, args.thres_int),
-                                           signed(attr_src, args.thres_int))
-        score_fake, logits_fake = nets.d_judge(img_fake)
-        adv = loss_adv_g(score_fake)
-        cls = loss_cls(logits_fake, attr_tgt)
-        rec = loss_rec(img_recon, img_real)
-        loss = adv + args.lambda_cls_g * cls + args.lambda_rec * rec
+def g_step(g, d, opt_g, img_real, attr_src, attr_tgt, args):
+    """One update of G on L_G -> dict of detached scalars. D is frozen (no gradient is computed
+    for it) and called without its DDP wrapper: it has nothing to synchronise here."""
+    d.requires_grad_(False)
+    img_fake = g(img_real, signed(attr_tgt, args.thres_int))   # x̂_b, the edit
+    img_recon = g(img_real, signed(attr_src, args.thres_int))  # x̂_a, the reconstruction
+    score_fake, logits_fake = (d.module if isinstance(d, DDP) else d)(img_fake)
+    adv = loss_adv_g(score_fake)
+    cls = loss_cls(logits_fake, attr_tgt)
+    rec = loss_rec(img_recon, img_real)
+    loss = adv + args.lambda_cls_g * cls + args.lambda_rec * rec
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
@@ -675,56 +370,26 @@ def g_step(nets, opt_g, img_real, attr_src, attr_tgt, args, amp_ctx):
             "g_rec": rec.detach()}
 
 
-def step_generator(seed, step, rank, device):
-    """A torch.Generator seeded from (seed, step, rank): the step's target shuffle and penalty α
-    are a pure function of them, so a resumed run (and every DDP rank) draws exactly what an
-    uninterrupted one would, without relying on the global RNG."""
-    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) * 1009 + rank)
-
-
-def train_step(nets, optimizers, step, img_real, attr_src, attr_names, args, amp_ctx, rank=0):
-    """Step `step` (0-based) of the official alternation: a G update on every (n_d + 1)-th step,
-    a D update otherwise."""
-    rng = step_generator(args.seed, step, rank, img_real.device)
-    attr_tgt = target_attributes(attr_src, attr_names, rng)
+def train_step(g, d, opt_g, opt_d, step, img_real, attr_src, args, rank=0):
+    """Update `step` (0-based) of v1's alternation: G on every (n_d + 1)-th, D otherwise. The
+    targets and α come from a generator seeded by (seed, step, rank), so a resumed run and every
+    DDP rank draw exactly what an uninterrupted run would."""
+    rng = torch.Generator(img_real.device).manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)
+    attr_tgt = target_attributes(attr_src, rng)
     if (step + 1) % (args.n_d + 1) == 0:
-        return g_step(nets, optimizers[0], img_real, attr_src, attr_tgt, args, amp_ctx)
+        return g_step(g, d, opt_g, img_real, attr_src, attr_tgt, args)
     alpha = torch.rand(len(img_real), 1, 1, 1, device=img_real.device, generator=rng)
-    return d_step(nets, optimizers[1], img_real, attr_src, attr_tgt, alpha, args, amp_ctx)
+    return d_step(g, d, opt_d, img_real, attr_src, attr_tgt, alpha, args)
 
 
-def learning_rate(step, args):
-    """lr, ×0.1 from lr_decay_step on (the official lr / 10^(epoch // 100) over 200 epochs). A
-    step number, not a fraction of --steps, so a run extended by --resume keeps its schedule."""
-    return args.lr * (0.1 if step >= args.lr_decay_step else 1.0)
-
-
-# ================================================================================================
-# Sampling: the edit grid
-# ================================================================================================
-def edit_inputs(attr_src, attr_names, thres_int, test_int, changes):
-    """What G sees for an edit of the rows attr_src (B, A): every attribute at ±thres_int, the
-    changed ones ({column: value in label units}) at (2v − 1)·test_int, and their rivals switched
-    off (official test-time rule). An attribute changed explicitly keeps its value. -> (B, A)"""
-    attr_tgt = attr_src.clone()
-    for k, value in changes.items():
-        attr_tgt[:, k] = value
-        attr_tgt = make_consistent(attr_tgt, attr_names, changed=k)
-    for k, value in changes.items():
-        attr_tgt[:, k] = value
-    inputs = signed(attr_tgt, thres_int)
-    for k in changes:
-        inputs[:, k] = signed(attr_tgt[:, k], test_int)
-    return inputs
-
-
+# Sampling and editing ----------------------------------------------------------------------------
 @torch.no_grad()
-def flip_grid(generator, images, attr_src, attr_names, thres_int, test_int):
+def flip_grid(g, images, attr_src, attr_names, thres_int, test_int):
     """(R, 2 + A, 3, H, W): per image its input, reconstruction and each attribute flipped."""
-    columns = [images, generator(images, signed(attr_src, thres_int))]
+    columns = [images, g(images, signed(attr_src, thres_int))]
     for k in range(len(attr_names)):
-        flipped = edit_inputs(attr_src, attr_names, thres_int, test_int, {k: 1 - attr_src[:, k]})
-        columns.append(generator(images, flipped))
+        columns.append(g(images, edit_inputs(attr_src, attr_names, thres_int, test_int,
+                                             {k: 1 - attr_src[:, k]})))
     return torch.stack([c.float() for c in columns], 1)
 
 
@@ -732,220 +397,96 @@ def flip_labels(attr_names):
     return ["input", "recon"] + [f"flip {name}" for name in attr_names]
 
 
-# ================================================================================================
-# Checkpoint, loading a trained model, the evaluation contract
-# ================================================================================================
-def checkpoint_state(nets, optimizers, step, args, attr_names):
-    """The full training state as one dict (weights_only-loadable)."""
-    return {"generator": nets.g.state_dict(), "discriminator": nets.d.state_dict(),
-            "opt_g": optimizers[0].state_dict(), "opt_d": optimizers[1].state_dict(),
-            "step": step, "config": dataclasses.asdict(args), "attr_names": list(attr_names),
-            "rng": rng_state()}
+def load(ckpt, device="cpu"):
+    """A trained checkpoint -> (G, D in eval mode on `device`, config dict, attribute names)."""
+    state = load_checkpoint(ckpt)
+    g, d = build_models(state["config"], len(state["attr_names"]))
+    g.load_state_dict(state["generator"])
+    d.load_state_dict(state["discriminator"])
+    return g.to(device).eval(), d.to(device).eval(), state["config"], state["attr_names"]
 
 
-def load_trained(ckpt_path, device="cpu"):
-    """(config, attr_names, generator, discriminator) from a checkpoint, in eval mode."""
-    state = load_checkpoint(ckpt_path)
-    config, attr_names = state["config"], state["attr_names"]
-    generator, discriminator = build_models(config, len(attr_names))
-    generator.load_state_dict(state["generator"])
-    discriminator.load_state_dict(state["discriminator"])
-    return config, attr_names, generator.to(device).eval(), discriminator.to(device).eval()
-
-
-@torch.no_grad()
-def read_attributes(discriminator, images, batch_size=256):
-    """P(attribute present) from D's classifier head -> (B, A) on the CPU."""
-    return torch.cat([torch.sigmoid(discriminator(chunk)[1]).float().cpu()
-                      for chunk in images.split(batch_size)])
-
-
-def load_for_eval(ckpt_path, device="cpu"):
-    """The evaluation contract (benchmarks/evaluate.py): a namespace with attr_names, img_size,
-    crop; edit(images, attr_src, attr_tgt) -> images, where the attributes that differ between
-    src and tgt get ±test_int and the others ±thres_int (the official test); reconstruct(images)
-    -> G(x, a') with a read by D's classifier head; generate = encode = None. Images are float
-    [-1, 1] (B, 3, H, W), attributes (B, A) 0/1 in attr_names order; results come on the CPU."""
-    device = torch.device(device)
-    config, attr_names, generator, discriminator = load_trained(ckpt_path, device)
-    thres_int, test_int = config["thres_int"], config["test_int"]
-
-    @torch.no_grad()
-    def edit(images, attr_src, attr_tgt, batch_size=256):
-        attr_src, attr_tgt = attr_src.float(), attr_tgt.float()
-        inputs = signed(attr_tgt, thres_int)
-        changed = attr_src != attr_tgt
-        inputs[changed] = signed(attr_tgt, test_int)[changed]
-        return torch.cat([generator(x.to(device), a.to(device)).float().cpu()
-                          for x, a in zip(images.split(batch_size), inputs.split(batch_size))])
-
-    @torch.no_grad()
-    def reconstruct(images, batch_size=256):
-        out = []
-        for x in images.split(batch_size):
-            x = x.to(device)
-            attr_src = (read_attributes(discriminator, x) > 0.5).float().to(device)
-            out.append(generator(x, signed(attr_src, thres_int)).float().cpu())
-        return torch.cat(out)
-
-    return types.SimpleNamespace(attr_names=list(attr_names), img_size=config["img_size"],
-                                 crop=config["crop"], edit=edit, reconstruct=reconstruct,
-                                 generate=None, encode=None)
-
-
-# ================================================================================================
-# `edit`: your own photo
-# ================================================================================================
-def merge_repeated(argv, flag):
-    """argparse keeps only the last of a repeated nargs='*' option: gather every `--set A=1
-    --set B=0` into one `--set A=1 B=0`."""
-    values, rest, i = [], [], 0
-    while i < len(argv):
-        if argv[i] == flag:
-            i += 1
-            while i < len(argv) and not argv[i].startswith("--"):
-                values.append(argv[i])
-                i += 1
-        else:
-            rest.append(argv[i])
-            i += 1
-    return rest + ([flag, *values] if values else [])
-
-
-def parse_settings(settings, attr_names):
-    """['Eyeglasses=1', 'Blond_Hair=0.5'] -> {column: value}; names are case-insensitive."""
-    changes = {}
-    for item in settings:
-        name, sep, raw = item.partition("=")
-        try:
-            value = float(raw)
-        except ValueError:
-            value = None
-        if not sep or value is None or not math.isfinite(value):
-            raise InputError(f"cannot read --set {item!r}: expected Attr=value, e.g. Eyeglasses=1")
-        (name,) = common.resolve_attrs([name], attr_names)  # InputError lists the valid names
-        changes[attr_names.index(name)] = value
-    return changes
+@dataclass
+class EditArgs:
+    """Edit a face with a trained AttGAN: your photo (--image) or a validation image (--index).
+    D's classifier head reads its attributes (printed); the edits are relative to them."""
+    ckpt: str = "runs/attgan/ckpt.pt"  # checkpoint written by training
+    image: str = None  # a photo (jpg/png), the face centred and filling most of the frame
+    index: int = 0  # without --image: this image of the checkpoint's data set ('val' split)
+    set: list = field(default_factory=list)  # Attr=value edits (0 absent, 1 present, 0.5 neutral)
+    slider: str = None  # a strip of this attribute at strengths −2 .. +2 (strength = 2·value − 1)
+    test_int: float = 1.0  # G sees strength × test_int for an edited attribute
+    out: str = None  # output PNG (default: edit.png / slider_<Attr>.png beside the checkpoint)
+    device: str = "cpu"  # device to run G and D on
 
 
 @torch.no_grad()
 def edit(args):
-    """Read the face's attributes with D, print them, then write the requested picture:
-    --set: the edited face (and input | reconstruction | edit beside it); --slider: a strip of
-    strengths −2..+2; neither: input | reconstruction | each attribute flipped. -> output path."""
-    device = torch.device(args.device)
-    config, attr_names, generator, discriminator = load_trained(args.ckpt, device)
+    """Print the attributes D reads, then write --set's edit (and input | recon | edit beside
+    it), a --slider strip, or, with neither, every attribute flipped. -> the written path"""
+    if args.out and Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise InputError(f"--out {args.out}: expected a .png or .jpg file name")
+    g, d, config, names = load(args.ckpt, pick_device(args.device))
     size, crop, thres_int = config["img_size"], config["crop"], config["thres_int"]
-    labels = None
+    changes = parse_settings(args.set, names)
     if args.image:
-        image = common.load_photo(args.image, size, crop)
-        source = args.image
+        image, labels, source = common.load_photo(args.image, size, crop), None, args.image
     else:
-        data = common.load_celeba(args.data or config["data"], attr_names, "val", size, crop,
-                                  verbose=False)
-        if not 0 <= args.index < len(data.images):
-            raise InputError(f"--index {args.index}: the 'val' split has {len(data.images)} images")
-        image = common.to_float(data.images[args.index:args.index + 1])
-        labels, source = data.labels[args.index], f"{data.files[args.index]} (val #{args.index})"
-    image = image.to(device)
-    probs = read_attributes(discriminator, image)[0]
-    attr_src = (probs > 0.5).float()[None].to(device)
+        val = common.load_celeba(config["data"], names, "val", size, crop, verbose=False)
+        if not 0 <= args.index < len(val.images):
+            raise InputError(f"--index {args.index}: expected 0 .. {len(val.images) - 1} (val split)")
+        image, labels = common.to_float(val.images[args.index:args.index + 1]), val.labels[args.index]
+        source = f"{val.files[args.index]} (val #{args.index})"
+    image = image.to(next(g.parameters()).device)
+    probs = torch.sigmoid(d(image)[1].float())  # C's reading of the source attributes
+    attr_src = (probs > 0.5).float()
     print(f"{source}: attributes read by the discriminator (P(present))")
-    for k, name in enumerate(attr_names):
+    for k, name in enumerate(names):
         truth = f"   label {int(labels[k])}" if labels is not None else ""
-        print(f"  {name:<22}{probs[k]:6.3f}  {'yes' if probs[k] > 0.5 else 'no '}{truth}")
-    recon = generator(image, signed(attr_src, thres_int)).float()
-    default_dir = Path(args.ckpt).parent
-    if args.slider:
-        (name,) = common.resolve_attrs([args.slider], attr_names)
-        k = attr_names.index(name)
-        strengths = [s / 2 for s in range(-4, 5)]  # −2.0, −1.5, ..., +2.0
-        frames = [image[0].cpu()]
-        for strength in strengths:
-            # strength s = 2v − 1, so v = (s + 1) / 2 in label units
-            inputs = edit_inputs(attr_src, attr_names, thres_int, args.test_int, {k: (strength + 1) / 2})
-            frames.append(generator(image, inputs).float()[0].cpu())
-        path = Path(args.out or default_dir / f"slider_{name}.png")
-        common.save_grid([frames], path, col_labels=["input"] + [f"{s:+.1f}" for s in strengths],
-                         title=f"{name}: strength −2 .. +2 (training saw ±{2 * thres_int:g})")
-    elif args.set:
-        changes = parse_settings(args.set, attr_names)
-        inputs = edit_inputs(attr_src, attr_names, thres_int, args.test_int, changes)
-        edited = generator(image, inputs).float()
-        path = Path(args.out or default_dir / "edit.png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(edited[0].cpu(), path)
+        print(f"  {name:<22}{probs[0, k]:6.3f}  {'yes' if probs[0, k] > 0.5 else 'no '}{truth}")
+    show = lambda *columns: [[c[0].float().cpu() for c in columns]]  # noqa: E731 (one grid row)
+    path = Path(args.out or Path(args.ckpt).parent / (f"slider_{args.slider}.png" if args.slider
+                                                       else "edit.png"))
+    if args.slider:  # strength s = 2v − 1 in label units v; G sees s·test_int
+        k, strengths = names.index(common.resolve_attrs([args.slider], names)[0]), range(-4, 5)
+        frames = [g(image, edit_inputs(attr_src, names, thres_int, args.test_int,
+                                       {k: (s / 2 + 1) / 2})) for s in strengths]
+        common.save_grid(show(image, *frames), path, col_labels=["input"] + [
+            f"{s / 2:+.1f}" for s in strengths], title=f"{names[k]}: strength × {args.test_int:g} "
+                                                        f"(training saw ±{thres_int:g})")
+    elif changes:
+        edited = g(image, edit_inputs(attr_src, names, thres_int, args.test_int, changes))
+        torchvision.utils.save_image(edited[0].float().cpu() * 0.5 + 0.5, path)
         compare = path.with_name(path.stem + "_compare.png")
-        common.save_grid([[image[0].cpu(), recon[0].cpu(), edited[0].cpu()]], compare,
-                         col_labels=["input", "reconstruction", "edited"],
-                         title=", ".join(args.set))
+        common.save_grid(show(image, g(image, signed(attr_src, thres_int)), edited), compare,
+                         col_labels=["input", "reconstruction", "edited"], title=", ".join(args.set))
         print(f"input | reconstruction | edit: {compare}")
     else:
-        grid = flip_grid(generator, image, attr_src, attr_names, thres_int, args.test_int)
-        path = Path(args.out or default_dir / "edit.png")
-        common.save_grid(grid.cpu(), path, col_labels=flip_labels(attr_names))
+        grid = flip_grid(g, image, attr_src, names, thres_int, args.test_int)
+        common.save_grid(grid.cpu(), path, col_labels=flip_labels(names))
     print(f"wrote {path}")
     return path
 
 
-def save_image(image, path):
-    """One (3, H, W) image in [-1, 1] as a PNG at its own size."""
-    from PIL import Image
-    Image.fromarray(common.to_uint8(image).permute(1, 2, 0).numpy()).save(path)
+def parse_settings(settings, attr_names):
+    """['Eyeglasses=1', 'blond_hair=0.5'] -> {column: value}; names are case-insensitive."""
+    changes = {}
+    for item in settings:
+        name, _, raw = item.partition("=")
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise InputError(f"--set {item!r}: expected Attr=value, e.g. Eyeglasses=1")
+        changes[attr_names.index(common.resolve_attrs([name], attr_names)[0])] = value
+    return changes
 
 
-# ================================================================================================
-# `benchmark`: training throughput
-# ================================================================================================
-def benchmark(args):
-    """Time args.iters training steps (n_d D updates per G update) on random images -> img/s.
-    The data are already on the device, so this measures the networks and optimizers only."""
-    device = pick_device(args.device)
-    config = dataclasses.asdict(Args(img_size=args.img_size, enc_dim=args.width,
-                                     dec_dim=args.width, dis_dim=args.width))
-    train_args = Args(**config)
-    check_config(config)
-    names = [f"attr{k}" for k in range(args.num_attrs)]
-    torch.manual_seed(0)
-    g, d = (m.to(device) for m in build_models(config, args.num_attrs))
-    channels_last = args.channels_last and device.type == "cuda"
-    if channels_last:
-        g.to(memory_format=torch.channels_last)
-        d.to(memory_format=torch.channels_last)
-    nets = make_nets(g, d, device, args.compile, distributed=False)
-    optimizers = make_optimizers(g, d, train_args)
-    images = torch.rand(args.batch_size, 3, args.img_size, args.img_size, device=device) * 2 - 1
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    attrs = (torch.rand(args.batch_size, args.num_attrs, device=device) < 0.4).float()
-    amp_ctx = lambda: autocast(device, args.amp)  # noqa: E731
-
-    def run(first, count):
-        for step in range(first, first + count):
-            last = train_step(nets, optimizers, step, images, attrs, names, train_args, amp_ctx)
-        float(next(iter(last.values())))  # wait for the device to finish
-
-    run(0, args.warmup)
-    start = time.perf_counter()
-    run(args.warmup, args.iters)
-    elapsed = time.perf_counter() - start
-    rate = args.iters * args.batch_size / elapsed
-    print(f"benchmark: {args.iters} steps of batch {args.batch_size} at {args.img_size} px on "
-          f"{device} (amp {args.amp and device.type == 'cuda'}, channels_last {channels_last}, "
-          f"compile {args.compile}): {elapsed:.2f} s, {rate:.1f} img/s")
-    return rate
-
-
-# ================================================================================================
-# main: training
-# ================================================================================================
-def is_demo(data):
-    return data == "demo" or data.startswith("demo:")
-
-
+# Training ----------------------------------------------------------------------------------------
 def default_attrs(data):
     """The paper's 13; on the demo set the paper's that it draws (all but Bushy_Eyebrows), filled
-    up to 13 with other drawn attributes in common.DEMO_ATTRS order."""
+    up to 13 with other drawn attributes, in common.DEMO_ATTRS order."""
     if not is_demo(data):
         return list(PAPER_ATTRS)
     chosen = [a for a in PAPER_ATTRS if a in common.DEMO_ATTRS]
@@ -953,222 +494,331 @@ def default_attrs(data):
     return [a for a in common.DEMO_ATTRS if a in chosen]
 
 
-def apply_presets(args, device):
-    """--smoke, or the cpu-demo preset, on the fields still at their defaults; fills --attrs."""
-    defaults = Args()
+def configure(args, device):
+    """Presets on the fields the user did not give, canonical --data/--attrs, checks -> args."""
     if args.smoke:
-        for name, value in SMOKE.items():
-            if getattr(args, name) == getattr(defaults, name):
-                setattr(args, name, value)
+        apply_preset(args, PRESETS["smoke"], "smoke")
+        args.preset = "smoke"
+    elif args.preset == "cpu-demo" or (args.preset == "auto" and device.type == "cpu"
+                                       and is_demo(args.data)):
+        apply_preset(args, PRESETS["cpu-demo"], "cpu-demo (--preset paper keeps the paper's)")
+        args.preset = "cpu-demo"
+    elif args.preset in ("auto", "paper"):
+        args.preset = "paper"
     else:
-        use_cpu_preset = args.preset == "cpu-demo" or (
-            args.preset == "auto" and device.type == "cpu" and is_demo(args.data))
-        if use_cpu_preset:
-            changed = {name: value for name, value in CPU_DEMO_PRESET.items()
-                       if getattr(args, name) == getattr(defaults, name) != value}
-            for name, value in changed.items():
-                setattr(args, name, value)
-            args.preset = "cpu-demo"
-            if changed:
-                print("note: cpu-demo preset (CPU + demo data; --preset paper keeps the paper's "
-                      "configuration): " + ", ".join(f"--{k.replace('_', '-')} {v}"
-                                                    for k, v in changed.items()))
-        elif args.preset == "auto":
-            args.preset = "paper"
-    if not args.attrs:
-        args.attrs = default_attrs(args.data)
+        raise InputError(f"--preset {args.preset!r}: expected auto, paper or cpu-demo")
+    args.data = args.data if is_demo(args.data) else str(Path(args.data).resolve())
+    args.attrs = common.resolve_attrs(args.attrs or default_attrs(args.data))
+    build_models(dataclasses.asdict(args), len(args.attrs))  # refuses a size it cannot build
     return args
 
 
-def setup_distributed(args):
-    """(rank, world_size, device). Under torchrun (WORLD_SIZE > 1) joins the process group: NCCL
-    on CUDA (one GPU per rank), gloo on the CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(args.device)
-    if world_size == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.batch_size % world_size:
-        raise InputError(f"--batch-size {args.batch_size} must be divisible by the {world_size} ranks")
-    return dist.get_rank(), world_size, device
-
-
-def make_nets(g, d, device, compile_, distributed):
-    """Wrap the plain modules for their uses (see Nets). The gradient penalty keeps the eager D:
-    torch.compile does not support the double backward it needs."""
-    g_train, d_train = g, d
-    if distributed:
-        ids = [device.index] if device.type == "cuda" else None
-        g_train = nn.parallel.DistributedDataParallel(g, device_ids=ids)
-        d_train = nn.parallel.DistributedDataParallel(d, device_ids=ids)
-    g_fake, d_judge = g, d
-    if compile_:
-        g_train, d_train = torch.compile(g_train), torch.compile(d_train)
-        g_fake, d_judge = torch.compile(g), torch.compile(d)
-    return Nets(g=g, d=d, g_train=g_train, d_train=d_train, g_fake=g_fake, d_judge=d_judge)
-
-
-def make_optimizers(g, d, args):
-    """(Adam for G, Adam for D): lr 2e-4, betas (0.5, 0.999), as the official code. The learning
-    rate is set every step from `learning_rate`, so a resumed run follows the same schedule."""
-    return (torch.optim.Adam(g.parameters(), lr=args.lr, betas=(0.5, 0.999)),
-            torch.optim.Adam(d.parameters(), lr=args.lr, betas=(0.5, 0.999)))
-
-
-def format_seconds(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
 def train(args):
-    rank, world_size, device = setup_distributed(args)
-    args = apply_presets(args, device)
+    # Several GPUs, nanoGPT's way: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; rank 0 writes.
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = pick_device(args.device)
+    if world_size > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    args, out, is_main = configure(args, device), Path(args.out), rank == 0
+    if args.batch_size % world_size:
+        raise InputError(f"--batch-size {args.batch_size}: expected a multiple of {world_size} ranks")
+    lock = claim_run_folder(out, args.resume) if is_main else None  # noqa: F841 (held till exit)
     config = dataclasses.asdict(args)
-    check_config(config)
-    out, is_main = Path(args.out), rank == 0
-    say = print if is_main else (lambda *a, **k: None)
-    # Read (and vet) the checkpoint before loading any data: a wrong setting fails at once.
     state = load_checkpoint(out / "ckpt.pt", config, RESUME_MUST_MATCH) if args.resume else None
-    torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts them)
-
-    size, crop = args.img_size, args.crop
-    data = common.load_celeba(args.data, args.attrs, "train", size, crop, verbose=is_main)
-    attr_names = data.attr_names
-    data = common.to_device(data, device)
-    val = common.load_celeba(args.data, attr_names, "val", size, crop, verbose=False)
-    if len(val.images) == 0:
-        val = common.load_celeba(args.data, attr_names, "train", size, crop, verbose=False)
-    sample_images = common.to_float(val.images[:8]).to(device)
-    sample_attrs = val.labels[:8].to(device)
-
-    g, d = (m.to(device) for m in build_models(config, len(attr_names)))
-    channels_last = args.channels_last and device.type == "cuda"
-    if channels_last:
-        g.to(memory_format=torch.channels_last)
-        d.to(memory_format=torch.channels_last)
-    optimizers = make_optimizers(g, d, args)
-    start_step, metrics_path = 0, out / "metrics.jsonl"
-    if state is not None:
-        g.load_state_dict(state["generator"])
-        d.load_state_dict(state["discriminator"])
-        optimizers[0].load_state_dict(state["opt_g"])
-        optimizers[1].load_state_dict(state["opt_d"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-        say(f"resumed from {out / 'ckpt.pt'} at step {start_step}")
-    if is_main:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            trim_jsonl(metrics_path, start_step)
-        elif metrics_path.exists():
-            metrics_path.unlink()  # a fresh run starts a fresh log
-    nets = make_nets(g, d, device, args.compile, world_size > 1)
-    amp_ctx = lambda: autocast(device, args.amp)  # noqa: E731
-    per_rank_batch = args.batch_size // world_size
-    say(f"AttGAN {size} px, {len(attr_names)} attributes ({', '.join(attr_names)}); "
-        f"G {sum(p.numel() for p in g.parameters()) / 1e6:.2f} M, "
-        f"D {sum(p.numel() for p in d.parameters()) / 1e6:.2f} M parameters; "
-        f"{len(data.images)} training images; device {device}"
-        + (f" x {world_size} ranks" if world_size > 1 else "")
-        + f"; {'smoke' if args.smoke else args.preset} configuration")
-
-    def save_samples(step):
-        g.eval()
-        with amp_ctx():
-            grid = flip_grid(g, sample_images, sample_attrs, attr_names, args.thres_int, args.test_int)
-        g.train()
-        common.save_grid(grid, out / "samples" / f"step_{step:06d}.png",
-                         col_labels=flip_labels(attr_names), title=f"AttGAN, step {step}")
-
-    totals, counts, clock, interval_start = {}, {}, time.time(), start_step
-    for step in range(start_step, args.steps):
-        lr = learning_rate(step, args)
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        img_real, attr_src, _ = common.get_batch(data, step, per_rank_batch, args.seed, device,
-                                                 rank, world_size, channels_last=channels_last)
-        stats = train_step(nets, optimizers, step, img_real, attr_src, attr_names, args, amp_ctx,
-                           rank)
-        for key, value in stats.items():  # detached tensors: no host sync until the log step
-            totals[key] = totals.get(key, 0) + value
-            counts[key] = counts.get(key, 0) + 1
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            keys = sorted(totals)
-            means = torch.stack([totals[k] / counts[k] for k in keys]).float()
-            if world_size > 1:  # the average over ranks (the one collective at log steps)
-                dist.all_reduce(means)
-                means /= world_size
-            elapsed = time.time() - clock
-            record = {"step": done, "img_per_s": (done - interval_start) * args.batch_size / elapsed,
-                      "lr": lr, **dict(zip(keys, means.tolist()))}
-            eta = (args.steps - done) * elapsed / (done - interval_start)
-            if is_main:
-                append_jsonl(metrics_path, record)
-                d_part = (f"D {record['d_loss']:.3f} (adv {record['d_adv']:.3f} gp {record['gp']:.3f}"
-                          f" cls {record['d_cls']:.3f} acc {record['d_acc']:.2f})"
-                          if "d_loss" in record else "")
-                g_part = (f"G {record['g_loss']:.3f} (adv {record['g_adv']:.3f} cls "
-                          f"{record['g_cls']:.3f} rec {record['g_rec']:.4f})"
-                          if "g_loss" in record else "")
-                print(f"step {done}/{args.steps}  {d_part}  {g_part}  lr {lr:.1e}  "
-                      f"{record['img_per_s']:.0f} img/s  ETA {format_seconds(eta)}", flush=True)
-            totals, counts, interval_start = {}, {}, done
-        saving = time.time()
-        if is_main and (done % args.sample_every == 0 or done == args.steps):
-            save_samples(done)
-        if is_main and (done % args.ckpt_every == 0 or done == args.steps):
-            save_checkpoint(out / "ckpt.pt", checkpoint_state(nets, optimizers, done, args,
-                                                              attr_names))
-        if not totals:  # just logged: time the next interval from here
-            clock = time.time()
-        else:  # img/s counts training only, not the time spent writing samples and checkpoints
-            clock += time.time() - saving
     if world_size > 1:
-        check_ranks_agree(g, d, world_size, say)
-        # Every rank waits here until all are done communicating: a rank that tears down its
-        # gloo connections while another still reads from them can abort it ("connection reset").
-        dist.barrier()
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    data = common.load_celeba(args.data, args.attrs, "train", args.img_size, args.crop, verbose=is_main)
+    data, attr_names = common.to_device(data, device), data.attr_names
+    val = common.load_celeba(args.data, attr_names, "val", args.img_size, args.crop, verbose=False)
+    samples = [t[:8].to(device) for t in (common.to_float((val if len(val.images) else data).images[:8]),
+                                          (val if len(val.images) else data).labels)]
+    steps_per_epoch = len(data.images) / args.batch_size  # each update draws one batch
+    total = args.steps or math.ceil(args.epochs * steps_per_epoch)
+    decay_step = round(args.lr_decay_epoch * steps_per_epoch)
+
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    g, d = (m.to(device) for m in build_models(config, len(attr_names)))
+    opt_g = torch.optim.Adam(g.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(d.parameters(), lr=args.lr, betas=(0.5, 0.999))
+    start = state["step"] if state else 0
+    if state:
+        for module, key in ((g, "generator"), (d, "discriminator"), (opt_g, "opt_g"), (opt_d, "opt_d")):
+            module.load_state_dict(state[key])
+        set_rng_state(state["rng"])
+        if start >= total:
+            raise InputError(f"--resume: the checkpoint is at step {start}, this run ends at step "
+                             f"{total}; expected a larger --steps or --epochs")
+    channels_last = device.type == "cuda"  # faster convolutions on tensor cores
+    g, d = (m.to(memory_format=torch.channels_last) if channels_last else m for m in (g, d))
+    g_run, d_run = (torch.compile(g), torch.compile(d)) if args.compile else (g, d)
+    if world_size > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        g_run, d_run = DDP(g_run, device_ids=ids), DDP(d_run, device_ids=ids)
+    if is_main:
+        trim_jsonl(out / "metrics.jsonl", start)
+        print(f"AttGAN {args.img_size} px, {len(attr_names)} attributes ({', '.join(attr_names)}); "
+              f"G {sum(p.numel() for p in g.parameters()) / 1e6:.2f} M, D "
+              f"{sum(p.numel() for p in d.parameters()) / 1e6:.2f} M parameters; "
+              f"{len(data.images)} training images; updates {start}..{total} of "
+              f"{total / steps_per_epoch:.3g} epochs; {device} x {world_size}; {args.preset}")
+
+    totals, clock, since = {}, time.time(), start
+    for step in range(start, total):
+        # TRY NOT TO MODIFY: the batch is a pure function of the step (exact resume, DDP shards).
+        img_real, attr_src, _ = common.get_batch(data, step, args.batch_size // world_size, args.seed,
+                                                 device, rank, world_size, channels_last=channels_last)
+        # ALGO LOGIC: the learning-rate schedule, then one D or G update.
+        lr = args.lr * (0.1 if step >= decay_step else 1.0)
+        for group in [*opt_g.param_groups, *opt_d.param_groups]:
+            group["lr"] = lr
+        with autocast(device, args.amp):
+            stats = train_step(g_run, d_run, opt_g, opt_d, step, img_real, attr_src, args, rank)
+        # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0 writes).
+        for key, value in stats.items():  # detached tensors: no host sync until a log step
+            totals.setdefault(key, []).append(value)
+        done = step + 1
+        if done % args.log_every == 0 or done == total:
+            img_per_s = (done - since) * args.batch_size / (time.time() - clock)
+            log_progress(out, done, total, lr, totals, img_per_s, args.batch_size, world_size, g, d)
+            totals, clock, since = {}, time.time(), done
+        saving = time.time()  # img/s counts training, not the time spent writing files
+        if is_main and (done % args.sample_every == 0 or done == total):
+            save_samples(g, samples, attr_names, args, out / "samples" / f"step_{done:06d}.png", done)
+        if is_main and (done % args.ckpt_every == 0 or done == total):
+            check_finite(done, {}, g, d)  # a diverged run never overwrites the last good one
+            save_checkpoint(out / "ckpt.pt", {
+                "generator": g.state_dict(), "discriminator": d.state_dict(),
+                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": done,
+                "config": config, "attr_names": attr_names, "rng": rng_state()})
+        clock += time.time() - saving
+    if world_size > 1:
+        worst = rank_disagreement(g, d)  # a collective: every rank takes part
+        if is_main:
+            print(f"DDP check: {world_size} ranks, largest parameter difference between ranks {worst!r}")
+        dist.barrier()  # no rank closes its connections while another still reads from them
         dist.destroy_process_group()
-    if is_main and metrics_path.exists():
-        records = common.read_jsonl(metrics_path)
-        keys = [k for k in ("d_loss", "d_adv", "gp", "d_cls", "d_acc", "g_loss", "g_adv", "g_cls",
-                            "g_rec", "img_per_s") if any(k in r for r in records)]
-        common.plot_metrics(metrics_path, out / "losses.png", keys=keys)
+    if is_main:
+        common.plot_metrics(out / "metrics.jsonl", out / "losses.png")
         print(f"done: {out / 'ckpt.pt'}, samples in {out / 'samples'}, losses.png")
     return out
 
 
-def check_ranks_agree(g, d, world_size, say):
-    """DDP sanity check at the end: every rank must hold the same G and D parameters (gradients
-    are averaged before each update). Prints the largest difference between any two ranks."""
-    worst = torch.zeros(())
+def log_progress(out, done, total, lr, totals, img_per_s, batch_size, world_size, g, d):
+    """Average the interval's losses (over the ranks too), stop if anything is not finite, and on
+    rank 0 append a metrics.jsonl line and print the progress line."""
+    keys = sorted(totals)
+    means = torch.stack([torch.stack(totals[k]).float().mean() for k in keys])
+    if world_size > 1:
+        dist.all_reduce(means)
+        means /= world_size
+    record = {"step": done, "lr": lr, **dict(zip(keys, means.tolist())), "img_per_s": img_per_s}
+    check_finite(done, record, g, d)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        append_jsonl(out / "metrics.jsonl", record)
+        eta = (total - done) * batch_size / img_per_s / 60
+        print(f"step {done}/{total}  " + "  ".join(f"{k} {record[k]:.4g}" for k in keys)
+              + f"  lr {lr:.1e}  {img_per_s:.0f} img/s  ETA {eta:.1f} min", flush=True)
+
+
+@torch.no_grad()
+def save_samples(g, samples, attr_names, args, path, step):
+    """The fixed validation faces with every attribute flipped, as a labelled grid PNG."""
+    g.eval()
+    with autocast(next(g.parameters()).device, args.amp):
+        grid = flip_grid(g, *samples, attr_names, args.thres_int, args.test_int)
+    g.train()
+    common.save_grid(grid, path, col_labels=flip_labels(attr_names), title=f"AttGAN, step {step}")
+
+
+def rank_disagreement(g, d):
+    """The largest difference of any parameter between two ranks (0 when DDP synchronises)."""
+    worst = torch.zeros((), device=next(g.parameters()).device)
     for p in [*g.parameters(), *d.parameters()]:
         high, low = p.detach().clone(), p.detach().clone()
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
         dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        worst = torch.maximum(worst, (high - low).abs().max().cpu())
-    say(f"DDP check: {world_size} ranks, largest parameter difference between ranks "
-        f"{worst.item():.3g}")
+        worst = torch.maximum(worst, (high - low).abs().max())
+    return worst.item()
+
+
+# Plumbing: command line, device, run folder, checkpoints, logs. Copied verbatim into the other
+# method files, where tests/test_copies.py keeps each copy identical to this one. --------------------
+def parse_dataclass(cls, argv=None, prog=None, positive=()):
+    """The command line of a dataclass -> an instance, vetted before any work: numbers finite and
+    not negative (those in `positive` above 0), no list value repeated. Each field is --field-name
+    with its trailing comment as help; booleans get --no-x, lists take several values. The fields
+    the user typed are kept in `.given`, so a preset never overrides them."""
+    docs = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    for name, default in defaults.items():
+        option = dict(default=argparse.SUPPRESS, help=f"{docs.get(name, '')} (default: {default})"
+                      .replace("%", "%%"))  # SUPPRESS: an option not typed stays out of `given`
+        if isinstance(default, bool):
+            option["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            option.update(nargs="*", action="extend")
+        else:
+            option["type"] = str if default is None else type(default)
+        parser.add_argument("--" + name.replace("_", "-"), **option)
+    given = vars(parser.parse_args(argv))
+    args = cls(**{**defaults, **given})
+    for name, value in dataclasses.asdict(args).items():
+        flag = "--" + name.replace("_", "-")
+        ok = type(value) not in (int, float) or math.isfinite(value) and (
+            value > 0 or value == 0 and name not in positive)
+        if not ok:
+            raise InputError(f"{flag} {value}: expected a finite number "
+                             f"{'above' if name in positive else 'of at least'} 0")
+        if isinstance(value, list) and len({str(v).lower() for v in value}) < len(value):
+            raise InputError(f"{flag} {' '.join(map(str, value))}: a value is repeated")
+    args.given = set(given)
+    return args
+
+
+def apply_preset(args, preset, name):
+    """Set the preset's values on the fields the user did not type, and say which changed."""
+    changed = {k: v for k, v in preset.items() if k not in args.given and getattr(args, k) != v}
+    for key, value in changed.items():
+        setattr(args, key, value)
+    if changed:
+        print(f"note: {name} preset: " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                                  for k, v in changed.items()), file=sys.stderr)
+
+
+def pick_device(name):
+    """'auto' takes CUDA, then Apple's MPS, then the CPU; CUDA gets TF32 and cuDNN autotune."""
+    available = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+    try:
+        device = torch.device(("cuda" if "cuda" in available else available[-1]) if name == "auto" else name)
+    except RuntimeError:
+        device = torch.device("meta")  # not a device name at all
+    if device.type not in available or (device.index or 0) >= max(torch.cuda.device_count(), 1):
+        raise InputError(f"--device {name}: not on this machine; expected auto or {', '.join(available)}")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
+    return device
+
+
+def autocast(device, enabled):
+    """bf16 autocast on CUDA when enabled; a no-op context elsewhere (CPU runs stay in fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+def rng_state():
+    """Every random-number generator the training loop draws from, for an exact resume."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def claim_run_folder(out, resume):
+    """Make `out` this process's run folder before any data loads -> its lock (keep it open).
+    Refused: a file or an unwritable folder; a folder holding a run, unless --resume continues it
+    (nothing is wiped); a folder a live process holds (a lock the OS drops when it ends)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a")
+    except OSError as err:
+        raise InputError(f"--out {out}: expected a folder this user can write ({err.strerror})") from None
+    try:
+        import fcntl  # POSIX only; elsewhere the folder is not locked
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:
+        raise InputError(f"--out {out}: another run is writing there; expected a free folder") from None
+    held = [n for n in ("ckpt.pt", "metrics.jsonl", "samples") if (out / n).exists()]
+    if resume and "ckpt.pt" not in held or held and not resume:
+        lock.close()
+        raise InputError(f"--resume: expected a checkpoint {out / 'ckpt.pt'} to continue" if resume
+                         else f"--out {out} holds a run ({', '.join(held)}): continue it with "
+                         f"--resume or choose another --out (nothing was changed)")
+    return lock
+
+
+def save_checkpoint(path, state):
+    """Save `state`, tagged with this script's name, to a temporary file of this process, then
+    rename it over `path`: the rename is atomic, so a crash mid-save keeps the previous one."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    torch.save({**state, "script": Path(__file__).name}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, config=None, must_match=()):
+    """A checkpoint of this script (tensors and plain values only: weights_only=True); with
+    `config`, one whose saved config differs on a field of `must_match` is refused by name."""
+    path, script = Path(path), Path(__file__).name
+    if not path.is_file():
+        raise InputError(f"{path}: expected a checkpoint written by {script}; there is no such file")
+    try:  # (torch's own message would advise weights_only=False: never for a file of unknown origin)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        state = None
+    if not isinstance(state, dict) or state.get("script") != script:
+        found = state.get("script", "another program") if isinstance(state, dict) else "not a checkpoint"
+        raise InputError(f"{path}: expected a checkpoint written by {script}, found {found}")
+    for name in must_match if config is not None else ():
+        if state["config"].get(name) != config.get(name):
+            raise InputError(f"{path} was trained with {name}={state['config'].get(name)!r}, this run "
+                             f"has {name}={config.get(name)!r}; use the same setting or another --out")
+    return state
+
+
+def check_finite(step, stats, *modules):
+    """Stop at the first non-finite loss, parameter or buffer (a BatchNorm running variance can
+    overflow while the loss looks fine) with a FloatingPointError, before it reaches a checkpoint:
+    the last one written is kept. One host sync: call it at log steps and before saving."""
+    tensors = [torch.as_tensor(v).float().reshape(-1).cpu() for v in stats.values()] + [
+        t.detach().float().reshape(-1).cpu() for m in modules for t in [*m.parameters(), *m.buffers()]]
+    if not bool(torch.cat(tensors).isfinite().all()):
+        bad = [k for k, v in stats.items() if not math.isfinite(float(v))] or ["weights"]
+        raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)}; the run stopped and "
+                                 f"the last checkpoint written is kept (a smaller --lr may help)")
+
+
+def append_jsonl(path, record):
+    """Append one JSON line (metrics.jsonl: one line per logged step)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_jsonl(path, max_step):
+    """On resume, keep the lines logged up to the checkpoint's step (later ones are logged again)
+    and drop a torn line (power lost mid-write); the file is replaced atomically."""
+    kept = []
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        try:
+            kept += [line + "\n"] if json.loads(line)["step"] <= max_step else []
+        except (ValueError, KeyError, TypeError):
+            pass
+    Path(f"{path}.{os.getpid()}.tmp").write_text("".join(kept))
+    os.replace(f"{path}.{os.getpid()}.tmp", path)
+
+
+def is_demo(data):
+    """'demo' / 'demo:N' name the synthetic set; anything else is a folder."""
+    return data == "demo" or data.startswith("demo:")
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("train", "edit", "benchmark") else "train"
+    command = argv.pop(0) if argv and argv[0] in ("train", "edit") else "train"
     if command == "edit":
-        return edit(parse_dataclass(EditArgs, merge_repeated(argv, "--set"), "attgan.py edit"))
-    if command == "benchmark":
-        return benchmark(parse_dataclass(BenchArgs, argv, "attgan.py benchmark"))
-    return train(parse_dataclass(Args, argv, "attgan.py [train]"))
+        return edit(parse_dataclass(EditArgs, argv, "attgan.py edit", positive=("test_int",)))
+    return train(parse_dataclass(Args, argv, "attgan.py [train]", positive=POSITIVE))
 
 
 if __name__ == "__main__":
     try:
         main()
-    except InputError as err:  # bad input: one clear line, no traceback
+    except (InputError, FloatingPointError) as err:  # one clear line, no traceback
         sys.exit(f"error: {err}")
