@@ -7,11 +7,10 @@ data.py, test.py), which the PyTorch port elvisyjlin/AttGAN-PyTorch follows. The
 is a later "v2" with other defaults; nothing here comes from it.
 
 The idea. An encoder G_enc turns a face x into feature maps z; a decoder G_dec redraws a face from
-z and an attribute vector. Given the face's own attributes a it must give x back; given other
-attributes b it must give a face that a classifier C reads as b and that a critic D cannot tell
-from a photo. Reconstruction keeps what the attributes do not describe (identity, pose,
-background); the classifier makes the attributes change. z is left free (no latent constraint):
-the paper's point against "disentangled" encoders. D and C share one convolutional trunk.
+z and an attribute vector. Given the face's own attributes a it must give x back; given others, b,
+a face that a classifier C reads as b and a critic D cannot tell from a photo. Reconstruction keeps
+what the attributes do not describe (identity, pose, background); the classifier makes them
+change. z is left free: the paper's point against "disentangled" encoders. D and C share a trunk.
 
 Objective (WGAN-GP; a, b in {0, 1}^A; the paper's Eq. 14 and 15, weights of v1 train.py)
     x̂_b = G_dec(G_enc(x), b')   x̂_a = G_dec(G_enc(x), a')   a' = (2a − 1)·thres_int (±0.5)
@@ -45,24 +44,23 @@ Deviations, and why
 * Default --inject-layers 1: v1's code default is 0, but its README trains the published 128 px
   model with --shortcut_layers 1 --inject_layers 1. D's InstanceNorm has a scale and a shift (the
   port's; slim.instance_norm has only the shift).
-* Each D step's fakes are made under no_grad, and D scores real and fake in one batch
-  (InstanceNorm is per image, so only the speed changes).
+* D's step makes its fakes under no_grad and scores real and fake in one batch (InstanceNorm
+  is per image: only the speed changes).
 * CUDA runs in bf16 autocast with TF32 and channels_last by default (v1 is fp32; --no-amp gives
   fp32); the gradient penalty is always fp32. benchmarks/gpu_check.sh compares bf16 with fp32.
-* Several GPUs: torchrun + DistributedDataParallel; --batch-size is the global batch.
-* `python attgan.py` on a CPU with the demo set uses the cpu-demo preset (PRESETS): a smaller
-  network and a short run, stated in README.md.
+* torchrun + DistributedDataParallel for several GPUs; --batch-size is the global batch. On a
+  CPU with the demo set, the cpu-demo preset (PRESETS; README.md says what it changes).
 
-Run
+Run (more in README.md)
     python attgan.py                                # demo set; a CPU picks the cpu-demo preset
-    python attgan.py --data ./celeba                # the paper's configuration
-    torchrun --nproc_per_node 4 attgan.py --data ./celeba
-    python attgan.py edit --ckpt runs/attgan/ckpt.pt --image me.jpg --set Eyeglasses=1
+    torchrun --nproc_per_node 4 attgan.py --data ./celeba    # the paper's configuration
+    python attgan.py edit --image me.jpg --set Eyeglasses=1 Blond_Hair=1.5
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import inspect
 import json
 import math
@@ -70,7 +68,6 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -83,12 +80,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import common
 from common import InputError
 
-PAPER_ATTRS = ["Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows",
-               "Eyeglasses", "Male", "Mouth_Slightly_Open", "Mustache", "No_Beard", "Pale_Skin",
-               "Young"]  # v1 train.py's att_default, in its order
+PAPER_ATTRS = ["Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Bushy_Eyebrows", "Eyeglasses",
+               "Male", "Mouth_Slightly_Open", "Mustache", "No_Beard", "Pale_Skin", "Young"]  # v1 train.py
 
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     """Train AttGAN (`python attgan.py edit --help` edits a face with a trained one)."""
     n_layers: int = 5  # conv layers of the encoder, the decoder and D (official: 5 each)
@@ -111,7 +107,7 @@ class Args:
     lr_decay_epoch: float = 100.0  # the learning rate drops ×0.1 from this epoch on
     batch_size: int = 32  # images per update (the global batch under torchrun)
     data: str = "demo"  # a CelebA folder (any layout common.py reads), 'demo' or 'demo:N'
-    attrs: list = field(default_factory=list)  # attributes to edit (default: the paper's 13)
+    attrs: list = dataclasses.field(default_factory=list)  # attributes to edit (default: the paper's 13)
     img_size: int = 128  # image side in pixels, a multiple of 2^n_layers
     crop: int = 170  # centre square crop, in official 178x218 pixels, before resizing
     steps: int = 0  # stop after this many updates (0: all --epochs; the schedule follows --epochs)
@@ -128,11 +124,9 @@ class Args:
     smoke: bool = False  # a tiny end-to-end run on demo:16 (seconds on a CPU); tests use it
 
 
-POSITIVE = ("n_layers", "enc_dim", "dec_dim", "dis_dim", "max_dim", "dis_fc_dim", "thres_int",
-            "test_int", "n_d", "lr", "epochs", "batch_size", "img_size", "crop", "log_every",
-            "sample_every", "ckpt_every")
-# Applied to the fields the user did not give. cpu-demo: see README.md for what it changes and why.
-PRESETS = {
+POSITIVE = ("n_layers", "enc_dim", "dec_dim", "dis_dim", "max_dim", "dis_fc_dim", "thres_int", "test_int", "n_d",
+            "lr", "epochs", "batch_size", "img_size", "crop", "log_every", "sample_every", "ckpt_every")  # > 0
+PRESETS = {  # applied to the fields the user did not type; README.md says what cpu-demo changes
     "smoke": dict(data="demo:16", img_size=32, n_layers=4, enc_dim=8, dec_dim=8, dis_dim=8,
                   max_dim=32, dis_fc_dim=32, batch_size=8, n_d=1, steps=6, lr_decay_epoch=0.1,
                   log_every=2, sample_every=3, ckpt_every=3),
@@ -140,11 +134,9 @@ PRESETS = {
                      dis_fc_dim=128, n_d=2, epochs=10.0, lr_decay_epoch=8.0, log_every=50,
                      sample_every=500, ckpt_every=500),
 }
-# A resumed run must share these with its checkpoint (--steps may grow).
-RESUME_MUST_MATCH = ("data", "attrs", "img_size", "crop", "n_layers", "enc_dim", "dec_dim",
-                     "dis_dim", "max_dim", "dis_fc_dim", "shortcut_layers", "inject_layers",
-                     "thres_int", "lambda_rec", "lambda_cls_g", "lambda_cls_d", "lambda_gp", "n_d",
-                     "batch_size", "lr", "epochs", "lr_decay_epoch", "seed")
+RESUME_MUST_MATCH = ("data", "attrs", "img_size", "crop", "n_layers", "enc_dim", "dec_dim", "dis_dim", "max_dim",
+                     "dis_fc_dim", "shortcut_layers", "inject_layers", "thres_int", "lambda_rec", "lambda_cls_g",
+                     "lambda_cls_d", "lambda_gp", "n_d", "batch_size", "lr", "epochs", "lr_decay_epoch", "seed")
 
 
 # Model -------------------------------------------------------------------------------------------
@@ -154,9 +146,8 @@ class Generator(nn.Module):
     def __init__(self, num_attrs, n_layers=5, enc_dim=64, dec_dim=64, max_dim=1024,
                  shortcut_layers=1, inject_layers=1):
         super().__init__()
-        # Only the first n_layers − 1 decoder layers have a same-scale encoder map to join.
-        self.shortcut_layers = min(shortcut_layers, n_layers - 1)
-        self.inject_layers = min(inject_layers, n_layers - 1)
+        self.shortcut_layers = min(shortcut_layers, n_layers - 1)  # n_layers − 1 decoder layers
+        self.inject_layers = min(inject_layers, n_layers - 1)  # have an output to join
         enc_channels = [min(enc_dim * 2 ** i, max_dim) for i in range(n_layers)]  # 64 ... 1024
         self.encoder, in_ch = nn.ModuleList(), 3
         for out_ch in enc_channels:  # no conv bias before a BatchNorm: its shift makes it redundant
@@ -164,52 +155,42 @@ class Generator(nn.Module):
                 nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False),  # halves H, W
                 nn.BatchNorm2d(out_ch), nn.LeakyReLU(0.2)))
             in_ch = out_ch
-        self.decoder = nn.ModuleList()
-        in_ch += num_attrs  # bottleneck: z ++ tiled attributes
+        self.decoder, in_ch = nn.ModuleList(), in_ch + num_attrs  # bottleneck: z ++ attributes
         for i in range(n_layers - 1):
             out_ch = min(dec_dim * 2 ** (n_layers - 1 - i), max_dim)  # 1024, 512, 256, 128
             self.decoder.append(nn.Sequential(
                 nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1, bias=False),  # doubles
                 nn.BatchNorm2d(out_ch), nn.ReLU()))
-            in_ch = out_ch
-            if i < self.shortcut_layers:
-                in_ch += enc_channels[n_layers - 2 - i]  # the encoder map of the same scale
-            if i < self.inject_layers:
-                in_ch += num_attrs
+            in_ch = out_ch + (enc_channels[n_layers - 2 - i] if i < self.shortcut_layers else 0) \
+                + (num_attrs if i < self.inject_layers else 0)  # ++ encoder map ++ attributes
         self.decoder.append(nn.Sequential(
             nn.ConvTranspose2d(in_ch, 3, 4, stride=2, padding=1), nn.Tanh()))  # (B, 3, H, W)
 
     def encode(self, images):
         """(B, 3, H, W) -> every encoder map, coarsest last: z = maps[-1], (B, 1024, H/32, W/32)."""
-        maps = []
+        maps = [images]
         for layer in self.encoder:
-            images = layer(images)
-            maps.append(images)
-        return maps
+            maps.append(layer(maps[-1]))
+        return maps[1:]
 
     def decode(self, maps, attr_input):
         """Encoder maps + the attributes as G sees them (B, A), e.g. ±thres_int -> (B, 3, H, W)."""
-        hidden = torch.cat([maps[-1], tile(attr_input, maps[-1].shape[-2:])], 1)
+        tile = lambda size: attr_input[:, :, None, None].expand(-1, -1, *size)  # noqa: E731 (B, A, h, w)
+        hidden = torch.cat([maps[-1], tile(maps[-1].shape[-2:])], 1)
         for i, layer in enumerate(self.decoder):
             hidden = layer(hidden)
             if i < self.shortcut_layers:  # (B, 1024, 8, 8) ++ (B, 512, 8, 8) for i = 0
                 hidden = torch.cat([hidden, maps[len(maps) - 2 - i]], 1)
             if i < self.inject_layers:  # ++ (B, A, 8, 8) for i = 0
-                hidden = torch.cat([hidden, tile(attr_input, hidden.shape[-2:])], 1)
+                hidden = torch.cat([hidden, tile(hidden.shape[-2:])], 1)
         return hidden
 
     def forward(self, images, attr_input):
         return self.decode(self.encode(images), attr_input)
 
 
-def tile(attr_input, size):
-    """(B, A) -> (B, A, h, w): the attribute vector repeated at every position of an (h, w) map."""
-    return attr_input[:, :, None, None].expand(-1, -1, *size)
-
-
 class Discriminator(nn.Module):
     """One conv trunk, two FC heads: the critic D (a Wasserstein score) and the classifier C.
-
     Never BatchNorm here: the gradient penalty is a per-image quantity, and batch statistics
     would make one image's score, and its gradient, depend on the rest of the batch."""
 
@@ -223,9 +204,8 @@ class Discriminator(nn.Module):
             in_ch = out_ch
         self.trunk = nn.Sequential(*layers, nn.Flatten())  # (B, 1024 * 4 * 4) at 128 px
         flat = in_ch * (img_size // 2 ** n_layers) ** 2
-        self.adv_head = nn.Sequential(nn.Linear(flat, fc_dim), nn.LeakyReLU(0.2), nn.Linear(fc_dim, 1))
-        self.cls_head = nn.Sequential(nn.Linear(flat, fc_dim), nn.LeakyReLU(0.2),
-                                      nn.Linear(fc_dim, num_attrs))
+        self.adv_head, self.cls_head = (  # the critic's and the classifier's, each its own weights
+            nn.Sequential(nn.Linear(flat, fc_dim), nn.LeakyReLU(0.2), nn.Linear(fc_dim, n)) for n in (1, num_attrs))
 
     def forward(self, images):
         """(B, 3, H, W) -> (critic score (B,), attribute logits (B, A))."""
@@ -239,20 +219,15 @@ def build_models(config, num_attrs):
     if size % 2 ** layers or size < 2 ** (layers + 1):
         raise InputError(f"--img-size {size}: expected a multiple of 2^n_layers = {2 ** layers}, "
                          f"at least {2 ** (layers + 1)} (InstanceNorm needs a 2x2 last map)")
-    g = Generator(num_attrs, layers, config["enc_dim"], config["dec_dim"], config["max_dim"],
-                  config["shortcut_layers"], config["inject_layers"])
-    d = Discriminator(num_attrs, size, layers, config["dis_dim"], config["max_dim"],
-                      config["dis_fc_dim"])
-    return g, d
+    return (Generator(num_attrs, layers, *(config[k] for k in ("enc_dim", "dec_dim", "max_dim",
+                                                               "shortcut_layers", "inject_layers"))),
+            Discriminator(num_attrs, size, layers, config["dis_dim"], config["max_dim"], config["dis_fc_dim"]))
 
 
 # Attributes: what G sees, the training targets, the test-time conflict rule ----------------------
 def signed(attrs, intensity):
-    """0/1 attributes -> what G_dec sees: (2a − 1)·intensity, ±thres_int in training.
-
-    Why not 0/1? A symmetric code makes "absent" a signal as strong as "present", and the small
-    training scale (0.5) leaves headroom: ±1 at test time (test_int) gives a clearer edit, and any
-    value in between a partial one (the `edit --slider`)."""
+    """0/1 -> what G_dec sees, (2a − 1)·intensity. Why ±? "Absent" is then a signal as strong as
+    "present"; and ±0.5 in training leaves headroom: ±1 at test time makes a clearer edit."""
     return (attrs * 2 - 1) * intensity
 
 
@@ -271,21 +246,18 @@ RIVALS = {"Bald": ("Bangs",), "Receding_Hairline": ("Bangs",), "Bangs": ("Bald",
 
 
 def edit_inputs(attr_src, attr_names, thres_int, test_int, changes):
-    """What G sees to edit rows attr_src (B, A) as asked by `changes` {column: value}, the value in
-    label units (0 absent, 1 present, 0.5 neutral; a tensor (B,) or a number), as v1 test.py:
-    a changed attribute at (2v − 1)·test_int; a rival of one turned on (v > 0.5) at −thres_int;
-    every other attribute at ±thres_int. -> (B, A)"""
+    """What G sees to edit rows attr_src (B, A) as asked by `changes` {column: value in label
+    units, a number or a (B,) tensor: 0 absent, 1 present, 0.5 neutral}, as v1 test.py: a changed
+    attribute at (2v − 1)·test_int, a rival of one turned on at −thres_int, the rest ±thres_int."""
     attr_tgt = attr_src.clone()
     for k, value in changes.items():
-        rivals = [attr_names.index(r) for r in RIVALS.get(attr_names[k], ()) if r in attr_names]
-        on = (torch.as_tensor(value, device=attr_src.device) > 0.5).expand(len(attr_src))
-        for r in rivals:
-            if r not in changes:
-                attr_tgt[on, r] = 0.0
+        turned_on = (torch.as_tensor(value, device=attr_src.device) > 0.5).expand(len(attr_src))
+        for rival in RIVALS.get(attr_names[k], ()):
+            if rival in attr_names and attr_names.index(rival) not in changes:
+                attr_tgt[turned_on, attr_names.index(rival)] = 0.0
     inputs = signed(attr_tgt, thres_int)
     for k, value in changes.items():
-        inputs[:, k] = signed(torch.as_tensor(value, dtype=inputs.dtype, device=inputs.device),
-                              test_int)
+        inputs[:, k] = signed(torch.as_tensor(value, dtype=inputs.dtype), test_int)
     return inputs
 
 
@@ -312,13 +284,10 @@ def loss_rec(img_recon, img_real):
 
 
 def gradient_penalty(critic, img_real, img_fake, alpha):
-    """WGAN-GP: E[(‖∇_x̃ D(x̃)‖₂ − 1)²] at x̃ = α·x + (1 − α)·x̂_b, one α ~ U(0, 1) per image, on
-    the line between a real image and its edit. create_graph=True: the penalty's gradient reaches
-    D's weights through a double backward, so `critic` must be the eager (uncompiled) D.
-
-    Under bf16 autocast the forward may run in bf16, but the norm and the penalty are fp32: ‖g‖
-    sums 3·H·W squares, good to ~0.4 % in bf16's 8-bit mantissa, and (‖g‖ − 1)² near its optimum
-    would then be mostly rounding noise. bf16 keeps fp32's exponent: no loss scaling needed."""
+    """WGAN-GP: E[(‖∇_x̃ D(x̃)‖₂ − 1)²] at x̃ = α·x + (1 − α)·x̂_b, α ~ U(0, 1) per image: on the line
+    from a real image to its edit. Its gradient reaches D through a double backward (create_graph),
+    so `critic` is the eager D. The norm stays fp32 under bf16: ‖g‖ sums 3·H·W squares, good to
+    ~0.4 % in bf16, and (‖g‖ − 1)² near its optimum would be mostly rounding noise."""
     interp = (alpha * img_real + (1 - alpha) * img_fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(interp).float().sum(), interp, create_graph=True)
     with torch.autocast(interp.device.type, enabled=False):
@@ -326,23 +295,18 @@ def gradient_penalty(critic, img_real, img_fake, alpha):
         return ((grad_norm - 1) ** 2).mean()
 
 
-# Training steps: g and d as the loop runs them (maybe compiled, maybe DDP-wrapped) ------------
-def eager(model):
-    """The plain module under DDP and torch.compile wrappers."""
-    model = model.module if isinstance(model, DDP) else model
-    return getattr(model, "_orig_mod", model)
-
-
+# Training steps: g and d as the loop runs them (maybe compiled, maybe DDP-wrapped) ---------------
 def d_step(g, d, opt_d, img_real, attr_src, attr_tgt, alpha, args):
     """One update of D and C on L_D -> dict of detached scalars (no host sync)."""
     d.requires_grad_(True)
     with torch.no_grad():
         img_fake = g(img_real, signed(attr_tgt, args.thres_int)).to(img_real.dtype)
     score, attr_logits = d(torch.cat([img_real, img_fake]))  # InstanceNorm is per image: exact
-    score_real, score_fake = score.chunk(2)
-    adv = loss_adv_d(score_real, score_fake)
+    adv = loss_adv_d(*score.chunk(2))
     cls = loss_cls(attr_logits[:len(img_real)], attr_src)
-    gp = gradient_penalty(lambda x: eager(d)(x)[0], img_real, img_fake, alpha)
+    plain = d.module if isinstance(d, DDP) else d  # the penalty's double backward takes the
+    plain = getattr(plain, "_orig_mod", plain)     # plain D: no DDP wrapper, no torch.compile
+    gp = gradient_penalty(lambda x: plain(x)[0], img_real, img_fake, alpha)
     loss = adv + args.lambda_gp * gp + args.lambda_cls_d * cls
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
@@ -359,15 +323,12 @@ def g_step(g, d, opt_g, img_real, attr_src, attr_tgt, args):
     img_fake = g(img_real, signed(attr_tgt, args.thres_int))   # x̂_b, the edit
     img_recon = g(img_real, signed(attr_src, args.thres_int))  # x̂_a, the reconstruction
     score_fake, logits_fake = (d.module if isinstance(d, DDP) else d)(img_fake)
-    adv = loss_adv_g(score_fake)
-    cls = loss_cls(logits_fake, attr_tgt)
-    rec = loss_rec(img_recon, img_real)
+    adv, cls, rec = loss_adv_g(score_fake), loss_cls(logits_fake, attr_tgt), loss_rec(img_recon, img_real)
     loss = adv + args.lambda_cls_g * cls + args.lambda_rec * rec
     opt_g.zero_grad(set_to_none=True)
     loss.backward()
     opt_g.step()
-    return {"g_loss": loss.detach(), "g_adv": adv.detach(), "g_cls": cls.detach(),
-            "g_rec": rec.detach()}
+    return {"g_loss": loss.detach(), "g_adv": adv.detach(), "g_cls": cls.detach(), "g_rec": rec.detach()}
 
 
 def train_step(g, d, opt_g, opt_d, step, img_real, attr_src, args, rank=0):
@@ -385,50 +346,47 @@ def train_step(g, d, opt_g, opt_d, step, img_real, attr_src, args, rank=0):
 # Sampling and editing ----------------------------------------------------------------------------
 @torch.no_grad()
 def flip_grid(g, images, attr_src, attr_names, thres_int, test_int):
-    """(R, 2 + A, 3, H, W): per image its input, reconstruction and each attribute flipped."""
+    """(R, 2 + A, 3, H, W), labels: per image its input, reconstruction, each attribute flipped."""
     columns = [images, g(images, signed(attr_src, thres_int))]
     for k in range(len(attr_names)):
         columns.append(g(images, edit_inputs(attr_src, attr_names, thres_int, test_int,
                                              {k: 1 - attr_src[:, k]})))
-    return torch.stack([c.float() for c in columns], 1)
-
-
-def flip_labels(attr_names):
-    return ["input", "recon"] + [f"flip {name}" for name in attr_names]
+    labels = ["input", "recon"] + [f"flip {name}" for name in attr_names]
+    return torch.stack([c.float() for c in columns], 1), labels
 
 
 def load(ckpt, device="cpu"):
     """A trained checkpoint -> (G, D in eval mode on `device`, config dict, attribute names)."""
     state = load_checkpoint(ckpt)
     g, d = build_models(state["config"], len(state["attr_names"]))
-    g.load_state_dict(state["generator"])
-    d.load_state_dict(state["discriminator"])
+    g.load_state_dict(state["generator"]), d.load_state_dict(state["discriminator"])
     return g.to(device).eval(), d.to(device).eval(), state["config"], state["attr_names"]
 
 
-@dataclass
+@dataclasses.dataclass
 class EditArgs:
-    """Edit a face with a trained AttGAN: your photo (--image) or a validation image (--index).
-    D's classifier head reads its attributes (printed); the edits are relative to them."""
+    """Edit your photo (--image) or a validation image (--index) with a trained AttGAN: D's classifier
+    head reads its attributes (printed), and the edits are relative to them."""
     ckpt: str = "runs/attgan/ckpt.pt"  # checkpoint written by training
     image: str = None  # a photo (jpg/png), the face centred and filling most of the frame
     index: int = 0  # without --image: this image of the checkpoint's data set ('val' split)
-    set: list = field(default_factory=list)  # Attr=value edits (0 absent, 1 present, 0.5 neutral)
-    slider: str = None  # a strip of this attribute at strengths −2 .. +2 (strength = 2·value − 1)
-    test_int: float = 1.0  # G sees strength × test_int for an edited attribute
-    out: str = None  # output PNG (default: edit.png / slider_<Attr>.png beside the checkpoint)
-    device: str = "cpu"  # device to run G and D on
+    set: list = dataclasses.field(default_factory=list)  # Attr=v: G sees (2v − 1)·test_int (1 on, 0 off, 1.5 more)
+    test_int: float = 1.0  # the edited attributes' scale (training saw ±thres_int, 0.5)
+    out: str = None  # output PNG (default: edit.png beside the checkpoint)
 
 
 @torch.no_grad()
 def edit(args):
-    """Print the attributes D reads, then write --set's edit (and input | recon | edit beside
-    it), a --slider strip, or, with neither, every attribute flipped. -> the written path"""
+    """Print the attributes D reads, then write --set's edited face, or every attribute flipped."""
     if args.out and Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise InputError(f"--out {args.out}: expected a .png or .jpg file name")
-    g, d, config, names = load(args.ckpt, pick_device(args.device))
+    g, d, config, names = load(args.ckpt, pick_device("auto"))
     size, crop, thres_int = config["img_size"], config["crop"], config["thres_int"]
-    changes = parse_settings(args.set, names)
+    for item in args.set:
+        if not re.fullmatch(r"\w+=[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", item):
+            raise InputError(f"--set {item!r}: expected Attr=value, e.g. Eyeglasses=1")
+    changes = {names.index(common.resolve_attrs([item.partition("=")[0]], names)[0]):
+               float(item.partition("=")[2]) for item in args.set}
     if args.image:
         image, labels, source = common.load_photo(args.image, size, crop), None, args.image
     else:
@@ -444,72 +402,33 @@ def edit(args):
     for k, name in enumerate(names):
         truth = f"   label {int(labels[k])}" if labels is not None else ""
         print(f"  {name:<22}{probs[0, k]:6.3f}  {'yes' if probs[0, k] > 0.5 else 'no '}{truth}")
-    show = lambda *columns: [[c[0].float().cpu() for c in columns]]  # noqa: E731 (one grid row)
-    path = Path(args.out or Path(args.ckpt).parent / (f"slider_{args.slider}.png" if args.slider
-                                                       else "edit.png"))
-    if args.slider:  # strength s = 2v − 1 in label units v; G sees s·test_int
-        k, strengths = names.index(common.resolve_attrs([args.slider], names)[0]), range(-4, 5)
-        frames = [g(image, edit_inputs(attr_src, names, thres_int, args.test_int,
-                                       {k: (s / 2 + 1) / 2})) for s in strengths]
-        common.save_grid(show(image, *frames), path, col_labels=["input"] + [
-            f"{s / 2:+.1f}" for s in strengths], title=f"{names[k]}: strength × {args.test_int:g} "
-                                                        f"(training saw ±{thres_int:g})")
-    elif changes:
+    path = Path(args.out or Path(args.ckpt).parent / "edit.png")
+    if changes:  # the edited face alone, at the model's size
         edited = g(image, edit_inputs(attr_src, names, thres_int, args.test_int, changes))
         torchvision.utils.save_image(edited[0].float().cpu() * 0.5 + 0.5, path)
-        compare = path.with_name(path.stem + "_compare.png")
-        common.save_grid(show(image, g(image, signed(attr_src, thres_int)), edited), compare,
-                         col_labels=["input", "reconstruction", "edited"], title=", ".join(args.set))
-        print(f"input | reconstruction | edit: {compare}")
     else:
-        grid = flip_grid(g, image, attr_src, names, thres_int, args.test_int)
-        common.save_grid(grid.cpu(), path, col_labels=flip_labels(names))
+        grid, labels = flip_grid(g, image, attr_src, names, thres_int, args.test_int)
+        common.save_grid(grid.cpu(), path, col_labels=labels)
     print(f"wrote {path}")
     return path
 
 
-def parse_settings(settings, attr_names):
-    """['Eyeglasses=1', 'blond_hair=0.5'] -> {column: value}; names are case-insensitive."""
-    changes = {}
-    for item in settings:
-        name, _, raw = item.partition("=")
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise InputError(f"--set {item!r}: expected Attr=value, e.g. Eyeglasses=1")
-        changes[attr_names.index(common.resolve_attrs([name], attr_names)[0])] = value
-    return changes
-
-
 # Training ----------------------------------------------------------------------------------------
-def default_attrs(data):
-    """The paper's 13; on the demo set the paper's that it draws (all but Bushy_Eyebrows), filled
-    up to 13 with other drawn attributes, in common.DEMO_ATTRS order."""
-    if not is_demo(data):
-        return list(PAPER_ATTRS)
-    chosen = [a for a in PAPER_ATTRS if a in common.DEMO_ATTRS]
-    chosen += [a for a in common.DEMO_ATTRS if a not in chosen][:len(PAPER_ATTRS) - len(chosen)]
-    return [a for a in common.DEMO_ATTRS if a in chosen]
-
-
-def configure(args, device):
-    """Presets on the fields the user did not give, canonical --data/--attrs, checks -> args."""
-    if args.smoke:
-        apply_preset(args, PRESETS["smoke"], "smoke")
-        args.preset = "smoke"
-    elif args.preset == "cpu-demo" or (args.preset == "auto" and device.type == "cpu"
-                                       and is_demo(args.data)):
-        apply_preset(args, PRESETS["cpu-demo"], "cpu-demo (--preset paper keeps the paper's)")
-        args.preset = "cpu-demo"
-    elif args.preset in ("auto", "paper"):
-        args.preset = "paper"
-    else:
+def configure(args, device, world_size=1):
+    """Presets, canonical --data and --attrs (the paper's 13; Gray_Hair for the demo's missing
+    Bushy_Eyebrows), checks -> args."""
+    if args.preset not in ("auto", "paper", "cpu-demo"):
         raise InputError(f"--preset {args.preset!r}: expected auto, paper or cpu-demo")
+    auto = "cpu-demo" if device.type == "cpu" and is_demo(args.data) else "paper"
+    args.preset = "smoke" if args.smoke else auto if args.preset == "auto" else args.preset
+    if args.preset in PRESETS:  # --preset paper keeps the paper's configuration anywhere
+        apply_preset(args, PRESETS[args.preset], args.preset)
     args.data = args.data if is_demo(args.data) else str(Path(args.data).resolve())
-    args.attrs = common.resolve_attrs(args.attrs or default_attrs(args.data))
+    args.attrs = common.resolve_attrs(args.attrs or (list(PAPER_ATTRS) if not is_demo(args.data) else [
+        a for a in common.DEMO_ATTRS if a in PAPER_ATTRS or a == "Gray_Hair"]))
     build_models(dataclasses.asdict(args), len(args.attrs))  # refuses a size it cannot build
+    if args.batch_size % world_size:
+        raise InputError(f"--batch-size {args.batch_size}: expected a multiple of {world_size} ranks")
     return args
 
 
@@ -520,35 +439,27 @@ def train(args):
     if world_size > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    args, out, is_main = configure(args, device), Path(args.out), rank == 0
-    if args.batch_size % world_size:
-        raise InputError(f"--batch-size {args.batch_size}: expected a multiple of {world_size} ranks")
+    args, out, is_main = configure(args, device, world_size), Path(args.out), rank == 0
     lock = claim_run_folder(out, args.resume) if is_main else None  # noqa: F841 (held till exit)
     config = dataclasses.asdict(args)
     state = load_checkpoint(out / "ckpt.pt", config, RESUME_MUST_MATCH) if args.resume else None
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     data = common.load_celeba(args.data, args.attrs, "train", args.img_size, args.crop, verbose=is_main)
-    data, attr_names = common.to_device(data, device), data.attr_names
-    val = common.load_celeba(args.data, attr_names, "val", args.img_size, args.crop, verbose=False)
-    samples = [t[:8].to(device) for t in (common.to_float((val if len(val.images) else data).images[:8]),
-                                          (val if len(val.images) else data).labels)]
-    steps_per_epoch = len(data.images) / args.batch_size  # each update draws one batch
-    total = args.steps or math.ceil(args.epochs * steps_per_epoch)
-    decay_step = round(args.lr_decay_epoch * steps_per_epoch)
+    data, names = common.to_device(data, device), data.attr_names
+    val = common.load_celeba(args.data, names, "val", args.img_size, args.crop, verbose=False)
+    samples = (common.to_float(val.images[:8]).to(device), val.labels[:8].to(device))
+    per_epoch = len(data.images) / args.batch_size  # updates per epoch: each draws one batch
+    total, decay_step = args.steps or math.ceil(args.epochs * per_epoch), round(args.lr_decay_epoch * per_epoch)
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    g, d = (m.to(device) for m in build_models(config, len(attr_names)))
-    opt_g = torch.optim.Adam(g.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(d.parameters(), lr=args.lr, betas=(0.5, 0.999))
-    start = state["step"] if state else 0
-    if state:
-        for module, key in ((g, "generator"), (d, "discriminator"), (opt_g, "opt_g"), (opt_d, "opt_d")):
-            module.load_state_dict(state[key])
-        set_rng_state(state["rng"])
-        if start >= total:
-            raise InputError(f"--resume: the checkpoint is at step {start}, this run ends at step "
-                             f"{total}; expected a larger --steps or --epochs")
+    g, d = (m.to(device) for m in build_models(config, len(names)))
+    opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.999)) for m in (g, d))
+    for module, key in ((g, "generator"), (d, "discriminator"), (opt_g, "opt_g"), (opt_d, "opt_d")):
+        module.load_state_dict(state[key]) if state else None  # --resume: continue exactly
+    if (start := state["step"] if state else 0) >= total:
+        raise InputError(f"--resume: the checkpoint is at step {start}, this run ends at {total}; "
+                         f"expected a larger --steps or --epochs")
     channels_last = device.type == "cuda"  # faster convolutions on tensor cores
     g, d = (m.to(memory_format=torch.channels_last) if channels_last else m for m in (g, d))
     g_run, d_run = (torch.compile(g), torch.compile(d)) if args.compile else (g, d)
@@ -557,11 +468,10 @@ def train(args):
         g_run, d_run = DDP(g_run, device_ids=ids), DDP(d_run, device_ids=ids)
     if is_main:
         trim_jsonl(out / "metrics.jsonl", start)
-        print(f"AttGAN {args.img_size} px, {len(attr_names)} attributes ({', '.join(attr_names)}); "
-              f"G {sum(p.numel() for p in g.parameters()) / 1e6:.2f} M, D "
-              f"{sum(p.numel() for p in d.parameters()) / 1e6:.2f} M parameters; "
-              f"{len(data.images)} training images; updates {start}..{total} of "
-              f"{total / steps_per_epoch:.3g} epochs; {device} x {world_size}; {args.preset}")
+        print(f"AttGAN {args.img_size} px, {', '.join(names)}; {len(data.images)} training images; "
+              f"updates {start}..{total} ({total / per_epoch:.3g} epochs); {device} x {world_size}; "
+              f"G {sum(p.numel() for p in g.parameters()):,}, D {sum(p.numel() for p in d.parameters()):,} "
+              f"parameters; {args.preset}")
 
     totals, clock, since = {}, time.time(), start
     for step in range(start, total):
@@ -577,25 +487,21 @@ def train(args):
         # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0 writes).
         for key, value in stats.items():  # detached tensors: no host sync until a log step
             totals.setdefault(key, []).append(value)
-        done = step + 1
+        done, saving = step + 1, time.time()
         if done % args.log_every == 0 or done == total:
-            img_per_s = (done - since) * args.batch_size / (time.time() - clock)
-            log_progress(out, done, total, lr, totals, img_per_s, args.batch_size, world_size, g, d)
+            if is_main:
+                log_progress(out, done, total, lr, totals, (done - since) / (saving - clock), args, g, d)
             totals, clock, since = {}, time.time(), done
-        saving = time.time()  # img/s counts training, not the time spent writing files
         if is_main and (done % args.sample_every == 0 or done == total):
-            save_samples(g, samples, attr_names, args, out / "samples" / f"step_{done:06d}.png", done)
+            save_samples(g, samples, names, args, out / "samples" / f"step_{done:06d}.png", done)
         if is_main and (done % args.ckpt_every == 0 or done == total):
             check_finite(done, {}, g, d)  # a diverged run never overwrites the last good one
             save_checkpoint(out / "ckpt.pt", {
-                "generator": g.state_dict(), "discriminator": d.state_dict(),
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": done,
-                "config": config, "attr_names": attr_names, "rng": rng_state()})
-        clock += time.time() - saving
+                "generator": g.state_dict(), "discriminator": d.state_dict(), "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(), "step": done, "config": config, "attr_names": names})
+        clock += time.time() - saving  # img/s counts training, not the time spent writing files
     if world_size > 1:
-        worst = rank_disagreement(g, d)  # a collective: every rank takes part
-        if is_main:
-            print(f"DDP check: {world_size} ranks, largest parameter difference between ranks {worst!r}")
+        report_rank_disagreement(g, d)
         dist.barrier()  # no rank closes its connections while another still reads from them
         dist.destroy_process_group()
     if is_main:
@@ -604,51 +510,45 @@ def train(args):
     return out
 
 
-def log_progress(out, done, total, lr, totals, img_per_s, batch_size, world_size, g, d):
-    """Average the interval's losses (over the ranks too), stop if anything is not finite, and on
-    rank 0 append a metrics.jsonl line and print the progress line."""
-    keys = sorted(totals)
-    means = torch.stack([torch.stack(totals[k]).float().mean() for k in keys])
-    if world_size > 1:
-        dist.all_reduce(means)
-        means /= world_size
-    record = {"step": done, "lr": lr, **dict(zip(keys, means.tolist())), "img_per_s": img_per_s}
+def log_progress(out, done, total, lr, totals, steps_per_s, args, g, d):
+    """Rank 0's interval means (as nanoGPT logs): stop if anything is not finite, else append a
+    metrics.jsonl line and print the progress line."""
+    means = {k: torch.stack(v).float().mean().item() for k, v in sorted(totals.items())}
+    record = {"step": done, "lr": lr, **means, "img_per_s": steps_per_s * args.batch_size}
     check_finite(done, record, g, d)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        append_jsonl(out / "metrics.jsonl", record)
-        eta = (total - done) * batch_size / img_per_s / 60
-        print(f"step {done}/{total}  " + "  ".join(f"{k} {record[k]:.4g}" for k in keys)
-              + f"  lr {lr:.1e}  {img_per_s:.0f} img/s  ETA {eta:.1f} min", flush=True)
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"step {done}/{total}  " + "  ".join(f"{k} {v:.4g}" for k, v in means.items()) + f"  lr {lr:.1e}  "
+          f"{record['img_per_s']:.0f} img/s  ETA {(total - done) / steps_per_s / 60:.1f} min", flush=True)
 
 
 @torch.no_grad()
-def save_samples(g, samples, attr_names, args, path, step):
+def save_samples(g, samples, names, args, path, step):
     """The fixed validation faces with every attribute flipped, as a labelled grid PNG."""
     g.eval()
     with autocast(next(g.parameters()).device, args.amp):
-        grid = flip_grid(g, *samples, attr_names, args.thres_int, args.test_int)
+        grid, labels = flip_grid(g, *samples, names, args.thres_int, args.test_int)
     g.train()
-    common.save_grid(grid, path, col_labels=flip_labels(attr_names), title=f"AttGAN, step {step}")
+    common.save_grid(grid, path, col_labels=labels, title=f"AttGAN, step {step}")
 
 
-def rank_disagreement(g, d):
-    """The largest difference of any parameter between two ranks (0 when DDP synchronises)."""
-    worst = torch.zeros((), device=next(g.parameters()).device)
-    for p in [*g.parameters(), *d.parameters()]:
-        high, low = p.detach().clone(), p.detach().clone()
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        worst = torch.maximum(worst, (high - low).abs().max())
-    return worst.item()
+def report_rank_disagreement(g, d):
+    """Print the largest difference of any parameter between two ranks: 0 when DDP synchronises."""
+    high = torch.cat([p.detach().reshape(-1) for p in [*g.parameters(), *d.parameters()]])
+    low = high.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    if dist.get_rank() == 0:
+        print(f"DDP check: {dist.get_world_size()} ranks, largest parameter difference between ranks "
+              f"{(high - low).abs().max().item()!r}")
 
 
 # Plumbing: command line, device, run folder, checkpoints, logs. Copied verbatim into the other
 # method files, where tests/test_copies.py keeps each copy identical to this one. --------------------
 def parse_dataclass(cls, argv=None, prog=None, positive=()):
-    """The command line of a dataclass -> an instance, vetted before any work: numbers finite and
-    not negative (those in `positive` above 0), no list value repeated. Each field is --field-name
-    with its trailing comment as help; booleans get --no-x, lists take several values. The fields
-    the user typed are kept in `.given`, so a preset never overrides them."""
+    """A dataclass's command line (--field-name, help = the field's trailing comment) -> an instance
+    vetted before any work: numbers finite, at least 0, those in `positive` above 0; no list value
+    repeated. `.given` keeps the fields the user typed, which no preset overrides."""
     docs = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
     parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
     defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -667,9 +567,8 @@ def parse_dataclass(cls, argv=None, prog=None, positive=()):
     args = cls(**{**defaults, **given})
     for name, value in dataclasses.asdict(args).items():
         flag = "--" + name.replace("_", "-")
-        ok = type(value) not in (int, float) or math.isfinite(value) and (
-            value > 0 or value == 0 and name not in positive)
-        if not ok:
+        if type(value) in (int, float) and not (math.isfinite(value) and (value > 0 or value == 0
+                                                                          and name not in positive)):
             raise InputError(f"{flag} {value}: expected a finite number "
                              f"{'above' if name in positive else 'of at least'} 0")
         if isinstance(value, list) and len({str(v).lower() for v in value}) < len(value):
@@ -708,34 +607,18 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-def rng_state():
-    """Every random-number generator the training loop draws from, for an exact resume."""
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def claim_run_folder(out, resume):
-    """Make `out` this process's run folder before any data loads -> its lock (keep it open).
-    Refused: a file or an unwritable folder; a folder holding a run, unless --resume continues it
-    (nothing is wiped); a folder a live process holds (a lock the OS drops when it ends)."""
+    """Make `out` this process's run folder before any data loads -> its lock (keep it open). Refused:
+    a file, an unwritable folder, another live run's folder, a run's folder unless --resume."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "a")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the OS drops it when the process ends
+    except BlockingIOError:
+        raise InputError(f"--out {out}: another run is writing there; expected a free folder") from None
     except OSError as err:
         raise InputError(f"--out {out}: expected a folder this user can write ({err.strerror})") from None
-    try:
-        import fcntl  # POSIX only; elsewhere the folder is not locked
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass
-    except OSError:
-        raise InputError(f"--out {out}: another run is writing there; expected a free folder") from None
     held = [n for n in ("ckpt.pt", "metrics.jsonl", "samples") if (out / n).exists()]
     if resume and "ckpt.pt" not in held or held and not resume:
         lock.close()
@@ -746,8 +629,8 @@ def claim_run_folder(out, resume):
 
 
 def save_checkpoint(path, state):
-    """Save `state`, tagged with this script's name, to a temporary file of this process, then
-    rename it over `path`: the rename is atomic, so a crash mid-save keeps the previous one."""
+    """Save `state`, tagged with this script's name, to a temporary file, then rename it over `path`
+    (atomic: a crash mid-save keeps the previous checkpoint)."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     torch.save({**state, "script": Path(__file__).name}, tmp)
     os.replace(tmp, path)
@@ -774,9 +657,8 @@ def load_checkpoint(path, config=None, must_match=()):
 
 
 def check_finite(step, stats, *modules):
-    """Stop at the first non-finite loss, parameter or buffer (a BatchNorm running variance can
-    overflow while the loss looks fine) with a FloatingPointError, before it reaches a checkpoint:
-    the last one written is kept. One host sync: call it at log steps and before saving."""
+    """FloatingPointError at the first non-finite loss, parameter or buffer (a BatchNorm variance can
+    overflow while the loss looks fine), before it reaches a checkpoint. Call it at log steps."""
     tensors = [torch.as_tensor(v).float().reshape(-1).cpu() for v in stats.values()] + [
         t.detach().float().reshape(-1).cpu() for m in modules for t in [*m.parameters(), *m.buffers()]]
     if not bool(torch.cat(tensors).isfinite().all()):
@@ -785,23 +667,17 @@ def check_finite(step, stats, *modules):
                                  f"the last checkpoint written is kept (a smaller --lr may help)")
 
 
-def append_jsonl(path, record):
-    """Append one JSON line (metrics.jsonl: one line per logged step)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def trim_jsonl(path, max_step):
-    """On resume, keep the lines logged up to the checkpoint's step (later ones are logged again)
-    and drop a torn line (power lost mid-write); the file is replaced atomically."""
-    kept = []
+    """On resume, keep the lines logged up to the checkpoint's step, drop a torn one (power lost
+    mid-write) and the later ones (logged again), and replace the file atomically."""
+    kept, tmp = [], f"{path}.{os.getpid()}.tmp"
     for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
         try:
             kept += [line + "\n"] if json.loads(line)["step"] <= max_step else []
         except (ValueError, KeyError, TypeError):
             pass
-    Path(f"{path}.{os.getpid()}.tmp").write_text("".join(kept))
-    os.replace(f"{path}.{os.getpid()}.tmp", path)
+    Path(tmp).write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def is_demo(data):
