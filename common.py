@@ -3,11 +3,13 @@
 Nothing method-specific lives here. The five method files (attgan.py, dual_transfer.py, cgan.py,
 feature_ae.py, mad.py) import this module for exactly three things:
 
-1. **Reading CelebA** whatever shape it arrived in (`load_celeba`): the official release, the
+1. **Reading CelebA** whatever shape it arrived in (`load_celeba`): the official Google Drive
+   folder (its img_align_celeba.zip read in place, no unzipping), all files side by side, the
    torchvision folder, the Kaggle copy, a flat csv variant, or the synthetic demo set. Images are
-   decoded, cropped and resized ONCE into a uint8 cache; training batches then come from that
-   tensor (`get_batch`), moved to the GPU as uint8 and converted there, so data loading never
-   limits training.
+   decoded, cropped and resized ONCE into a uint8 cache on disk that every run memory-maps (no
+   split is ever copied, so all 202,599 images fit any machine); training batches come from it
+   (`get_batch`): from a GPU copy when the split fits there, else gathered a few steps ahead in a
+   background thread and moved asynchronously, so data loading never limits training.
 2. **The synthetic demo CelebA** (`demo_root`, `make_demo`, `render_counterfactual`): procedurally
    drawn faces in the official file layout, with identities, pose, expression and landmarks, and
    the ability to draw the same face with one attribute changed (a ground-truth edit).
@@ -19,7 +21,7 @@ Command line (a quick look at a dataset, and the CelebA download helper):
     python common.py info ./celeba            # layout, counts, partitions, attribute rates
     python common.py info demo                # the synthetic set (generated on first use)
     python common.py download ./celeba        # tries torchvision; else says what to fetch by hand
-    python common.py bench --data demo        # loader throughput in img/s (cache -> device)
+    python common.py bench --data demo        # cache build img/s + peak memory, batches/s
 
 Preprocessing convention (AttGAN's for aligned CelebA, used by every method unless it says
 otherwise): a centre square crop of side 170 in official 178x218 pixels, resized to the model size,
@@ -29,25 +31,32 @@ half-size release (89x109) gets an 85x85 crop of the same face region.
 from __future__ import annotations
 
 import argparse
+import bisect
+import collections
 import concurrent.futures
 import csv
 import dataclasses
 import difflib
 import functools
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 CELEBA_ATTRS = (
     "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
@@ -61,7 +70,8 @@ CELEBA_ATTRS = (
 OFFICIAL_SIZE = (218, 178)  # (H, W) of the official aligned images; crops are given in these pixels
 LANDMARK_NAMES = ("lefteye", "righteye", "nose", "leftmouth", "rightmouth")
 SPLITS = ("train", "val", "test", "all")
-CACHE_VERSION = 1  # bump when the cached pixels would change
+CACHE_VERSION = 2  # bump when the cached pixels (or their file format) would change
+ORIENTATION_TAG = 0x0112  # EXIF: how the camera was held
 
 
 class InputError(ValueError):
@@ -75,15 +85,19 @@ def cache_root() -> Path:
 
 
 # ------------------------------------------------------------------------------------------------
-# Finding the files: five layouts, detected automatically
+# Finding the files: every layout people download, detected automatically
 # ------------------------------------------------------------------------------------------------
-# Each layout is (name, image folder, folder holding the annotation files), relative to --data.
-# Annotation files are looked up by stem in that folder, as .txt (official format: a count line,
-# a header line, then rows) or .csv (Kaggle format: a header row `image_id,...`).
+# Each layout is (name, image folder, folders holding the annotation files), relative to --data;
+# the first that matches wins. Wherever a layout expects the image folder, `<folder>.zip` (the
+# official img_align_celeba.zip, not yet unpacked) is read in place; when both exist, whichever
+# holds more images is used, so a half-unpacked folder never hides a complete zip. Annotation
+# files are looked up by stem, as .txt (official format: a count line, a header line, then rows)
+# or .csv (Kaggle format: a header row `image_id,...`).
 LAYOUTS = (
-    ("kaggle", "img_align_celeba/img_align_celeba", "."),
-    ("torchvision", "celeba/img_align_celeba", "celeba"),
-    ("official", "img_align_celeba", "."),
+    ("drive", "Img/img_align_celeba", ("Anno", "Eval")),  # the Google Drive folder as it unpacks
+    ("kaggle", "img_align_celeba/img_align_celeba", (".",)),
+    ("torchvision", "celeba/img_align_celeba", ("celeba",)),
+    ("official", "img_align_celeba", (".",)),  # everything side by side ('csv' with .csv labels)
 )
 ANNOTATIONS = {  # stem -> what it holds
     "list_attr_celeba": "40 binary attributes",
@@ -92,15 +106,34 @@ ANNOTATIONS = {  # stem -> what it holds
     "list_landmarks_align_celeba": "5 landmarks in the aligned images",
     "list_bbox_celeba": "face boxes (of the in-the-wild images)",
 }
+# stem -> (values per row when the file has no header, what each value must be)
+ANNOTATION_VALUES = {
+    "list_attr_celeba": (len(CELEBA_ATTRS), "binary"),
+    "identity_CelebA": (1, "integer"),
+    "list_eval_partition": (1, "partition"),
+    "list_landmarks_align_celeba": (10, "number"),
+    "list_bbox_celeba": (4, "number"),
+}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 @dataclass
 class Layout:
-    """Where one dataset's files are. `files` maps an annotation stem to its path (if present)."""
+    """Where one dataset's files are. `image_dir` is the image folder or the .zip read in place;
+    `files` maps an annotation stem to its path (if present)."""
     name: str
     root: Path
     image_dir: Path
     files: dict
+
+
+def _count_images(source: Path) -> int:
+    """How many image files a folder or a zip holds (0 if it does not exist)."""
+    if source.is_dir():
+        return sum(1 for e in os.scandir(source) if e.name.lower().endswith(IMAGE_EXTENSIONS))
+    if source.is_file():
+        return len(list_images(source))
+    return 0
 
 
 def find_layout(data) -> Layout:
@@ -111,42 +144,102 @@ def find_layout(data) -> Layout:
     root = Path(data).expanduser()
     if not root.is_dir():
         raise InputError(f"data folder not found: {root} (expected a CelebA folder, or 'demo')")
-    for name, image_dir, anno_dir in LAYOUTS:
+    for name, image_dir, anno_dirs in LAYOUTS:
         files = {}
         for stem in ANNOTATIONS:
-            for ext in (".txt", ".csv"):
-                if (root / anno_dir / (stem + ext)).is_file():
-                    files[stem] = root / anno_dir / (stem + ext)
-                    break
-        if (root / image_dir).is_dir() and "list_attr_celeba" in files:
-            if name == "official" and files["list_attr_celeba"].suffix == ".csv":
-                name = "csv"  # flat folder with Kaggle-style csv annotations
-            return Layout(name, root, root / image_dir, files)
-    tried = "; ".join(f"{name}: {image_dir}/ + list_attr_celeba.txt|.csv" + (
-        f" in {anno_dir}/" if anno_dir != "." else "") for name, image_dir, anno_dir in LAYOUTS)
+            found = [root / d / (stem + ext) for d in anno_dirs for ext in (".txt", ".csv")]
+            found = [p for p in found if p.is_file()]
+            if found:
+                files[stem] = found[0]
+        folder, archive = root / image_dir, root / (image_dir + ".zip")
+        if "list_attr_celeba" not in files or not (folder.is_dir() or archive.is_file()):
+            continue
+        source = folder
+        if archive.is_file() and (not folder.is_dir() or _count_images(archive) > _count_images(folder)):
+            source = archive
+        if name == "official" and files["list_attr_celeba"].suffix == ".csv":
+            name = "csv"  # flat folder with Kaggle-style csv annotations
+        return Layout(name, root, source, files)
+    tried = "; ".join(f"{name}: {image_dir}/ (or .zip) + list_attr_celeba.txt|.csv in "
+                      f"{' or '.join(d + '/' for d in anno_dirs)}" for name, image_dir, anno_dirs in LAYOUTS)
     raise InputError(f"no CelebA layout found in {root} (tried {tried}; or use --data demo)")
+
+
+def list_images(source) -> dict:
+    """Image file name -> where to read it: a path in a folder, or a member name in a zip (the
+    zip is only indexed here; its images are read once, while the cache builds)."""
+    source = Path(source)
+    if source.suffix.lower() == ".zip":
+        try:
+            with zipfile.ZipFile(source) as archive:
+                return {PurePosixPath(m.filename).name: m.filename for m in archive.infolist()
+                        if m.filename.lower().endswith(IMAGE_EXTENSIONS) and not m.is_dir()}
+        except (OSError, zipfile.BadZipFile) as err:
+            raise InputError(f"cannot read {source}: {err} (an incomplete download? "
+                             "unzip it or fetch it again)") from err
+    return {e.name: e.path for e in os.scandir(source)
+            if e.name.lower().endswith(IMAGE_EXTENSIONS)}
+
+
+def _check_values(values, kind, csv_file) -> str | None:
+    """None if every value of one row is valid for `kind`, else what was expected."""
+    if kind == "binary":
+        allowed = {"1", "-1", "0"} if csv_file else {"1", "-1"}
+        return None if allowed.issuperset(values) else (
+            "1 or -1" + (" (or 0/1)" if csv_file else "") + " for every attribute")
+    if kind == "partition":
+        return None if values[0] in ("0", "1", "2") else "0, 1 or 2 (train, val, test)"
+    if kind == "integer":
+        return None if all(v.isdigit() for v in values) else "a whole number"
+    try:
+        [float(v) for v in values]
+    except ValueError:
+        return "numbers"
+    return None
 
 
 def read_annotation(path) -> tuple[list[str], dict[str, list[str]]]:
     """Read one annotation file in either format -> (column names, {file name: values as str}).
 
     Official .txt: [count line], header line, `000001.jpg v1 v2 ...` (identity and partition files
-    have neither count nor header). Kaggle .csv: header `image_id,...`, then rows.
+    have neither count nor header). Kaggle .csv: header `image_id,...`, then rows. Every row of a
+    known file is checked as it is read (as many values as the header names, each valid for the
+    file: attributes 1/-1, or 0/1 in csv, partitions 0/1/2, ...); a bad one stops with an
+    InputError naming the file, the line and what was expected, before anything is trained on it.
     """
     path = Path(path)
-    with open(path, newline="") as f:
-        if path.suffix == ".csv":
-            rows = list(csv.reader(f))
-            header, rows = rows[0][1:], rows[1:]
-        else:
-            rows = [line.split() for line in f if line.strip()]
-            header = []
-            if rows and len(rows[0]) == 1 and rows[0][0].isdigit():  # count line
-                rows = rows[1:]
-            if rows and not rows[0][0].lower().endswith((".jpg", ".png", ".jpeg")):  # header line
-                header = rows[0][1:] if rows[0][0] == "image_id" else rows[0]
-                rows = rows[1:]
-    return header, {row[0]: row[1:] for row in rows if row}
+    expected, kind = ANNOTATION_VALUES.get(path.stem, (None, None))
+    is_csv = path.suffix == ".csv"
+    header, header_line, rows, shared = [], 0, {}, {}
+    with open(path, newline="") as f:  # one row at a time: 202,599 rows are never held twice
+        lines = enumerate(csv.reader(f) if is_csv else (line.split() for line in f), 1)
+        for n, row in lines:
+            if not row:
+                continue
+            if not rows and not header and not header_line:
+                if not is_csv and len(row) == 1 and row[0].isdigit() and n == 1:
+                    continue  # the count line
+                if is_csv or not row[0].lower().endswith(IMAGE_EXTENSIONS):  # the header line
+                    header_line, header = n, (row[1:] if is_csv or row[0] == "image_id" else row)
+                    if kind is not None and len(set(header)) < len(header):
+                        twice = sorted({h for h in header if header.count(h) > 1})
+                        raise InputError(f"{path}, line {n}: the header names {', '.join(twice)} twice")
+                    expected = len(header) if header else expected
+                    continue
+            where = f"{path}, line {n}"
+            if not row[0].lower().endswith(IMAGE_EXTENSIONS):
+                raise InputError(f"{where}: {row[0]!r} is not an image file name; expected rows like "
+                                 f"'000001.jpg' followed by {expected or 'the'} values")
+            if expected is not None and len(row) - 1 != expected:
+                because = f" (one per name in the header, line {header_line})" if header else ""
+                raise InputError(f"{where}: {len(row) - 1} values after {row[0]}; expected "
+                                 f"{expected}{because}")
+            if kind is not None:
+                problem = _check_values(row[1:], kind, is_csv)
+                if problem:
+                    raise InputError(f"{where}: {' '.join(row[1:])!r} after {row[0]}; expected {problem}")
+            rows[row[0]] = [shared.setdefault(v, v) for v in row[1:]]  # one "-1" object, not 5 million
+    return header, rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,31 +276,45 @@ def _size_hw(img_size) -> tuple[int, int]:
     return (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
 
 
+def _to_rgb(image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16-bit and 32-bit grey ('I;16', 'I') are scaled down to 8 bits
+    (PIL's own convert would clip them, turning a 16-bit PNG white)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    return image.convert("RGB")
+
+
 def preprocess(image, img_size=128, crop=170) -> torch.Tensor:
     """PIL image (or uint8 (3, H, W) tensor) -> uint8 (3, h, w): centre crop, then resize.
 
     A JPEG that is not yet loaded is decoded at a reduced DCT scale when the crop is at least
-    twice the output (PIL's draft mode), which is several times faster and visually the same.
+    twice the output (PIL's draft mode), which is several times faster. The crop box is scaled by
+    the decoder's exact factor (1/2, 1/4 or 1/8), not by the rounded size of the reduced image, so
+    it is the same face region at every output size.
     """
     if isinstance(image, torch.Tensor):
         image = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     out_h, out_w = _size_hw(img_size)
-    left, top, right, bottom = crop_box(*image.size, crop)
+    box = crop_box(*image.size, crop)
     if getattr(image, "format", None) == "JPEG" and image.tile:  # opened, not yet decoded
         full_w = image.size[0]
-        image.draft("RGB", (math.ceil(out_w * image.size[0] / (right - left)),
-                            math.ceil(out_h * image.size[1] / (bottom - top))))
-        scale = image.size[0] / full_w  # draft may have decoded at 1/2, 1/4 or 1/8 scale
-        left, top, right, bottom = (v * scale for v in (left, top, right, bottom))
-    image = image.convert("RGB").resize((out_w, out_h), Image.Resampling.BICUBIC,
-                                        box=(left, top, right, bottom))
+        drafted = image.draft("RGB", (math.ceil(out_w * image.size[0] / (box[2] - box[0])),
+                                      math.ceil(out_h * image.size[1] / (box[3] - box[1]))))
+        # draft returns the full frame in reduced pixels, e.g. (0, 0, 44.5, 54.5) for 178x218 at
+        # 1/4, while image.size rounds it up to (45, 55): the exact scale is 44.5 / 178.
+        scale = drafted[1][2] / full_w if drafted else 1.0
+        box = tuple(v * scale for v in box)
+    image = _to_rgb(image).resize((out_w, out_h), Image.Resampling.BICUBIC, box=box)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
 
 
-def _decode(path, img_size, crop):
-    """Decode one file -> (uint8 (3, h, w), original (W, H)); None for a corrupt/truncated file."""
+def _decode(opened, img_size, crop):
+    """Decode one image (a path, or a file object) -> (uint8 (3, h, w), original (W, H)); None for
+    a corrupt or truncated file."""
     try:
-        with Image.open(path) as image:
+        with Image.open(opened) as image:
             size = image.size
             return preprocess(image, img_size, crop), size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
@@ -219,13 +326,17 @@ def load_photo(path, img_size=128, crop=170) -> torch.Tensor:
 
     An image with CelebA's aligned aspect ratio (178:218, within 3 %) gets exactly the training
     crop. Any other photo gets a centre square crop of its short side: put the face in the middle,
-    filling most of the frame, for results like the training data's.
+    filling most of the frame, for results like the training data's. The camera's EXIF
+    orientation is applied first (phone photos are often stored sideways), and 16-bit images are
+    scaled to 8 bits.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"image not found: {path} (expected a .jpg or .png file)")
     try:
         with Image.open(path) as image:  # decoded inside preprocess, exactly as the cache does
+            if image.getexif().get(ORIENTATION_TAG, 1) != 1:
+                image = ImageOps.exif_transpose(image)
             width, height = image.size
             if abs(width / height - OFFICIAL_SIZE[1] / OFFICIAL_SIZE[0]) > 0.03 * width / height:
                 side = min(width, height)  # not CelebA-aligned: square centre crop
@@ -233,6 +344,11 @@ def load_photo(path, img_size=128, crop=170) -> torch.Tensor:
                                     (width + side) // 2, (height + side) // 2))
                 crop = None if crop is None else OFFICIAL_SIZE[1]
             return to_float(preprocess(image, img_size, crop)).unsqueeze(0)
+    except Image.DecompressionBombError as err:
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        raise InputError(f"image too large: {path} ({int(pixels[1]) if pixels else 0:,} pixels; "
+                         f"PIL refuses more than {2 * Image.MAX_IMAGE_PIXELS:,}): save a smaller "
+                         "copy (a face photo needs no more than about 1000x1000)") from err
     except (OSError, SyntaxError) as err:
         raise InputError(f"cannot read image {path}: {err} (expected a .jpg or .png file)") from err
 
@@ -248,48 +364,155 @@ def to_uint8(images) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# The uint8 cache: decode + crop + resize once, reuse across runs
+# The uint8 cache on disk: decode + crop + resize once, memory-map it in every later run
 # ------------------------------------------------------------------------------------------------
-def build_cache(image_dir, files, img_size, crop, verbose=True) -> dict:
-    """Decode `files` (names in image_dir) in parallel into one uint8 tensor, stored under
-    cache_root()/images/ with a key made of everything that determines the pixels (folder, file
-    names and sizes, crop, size, cache version); a later run with the same key just loads it.
+# A cache is a folder cache_root()/images/<key>/ with pixels.u8 (N x 3 x h x w uint8, row-major,
+# no header) and index.json (shape, kept file names, original sizes, corrupt names). Its rows are
+# in the order load_celeba asks for: train, then val, then test, so every split is one contiguous
+# slice of the memory map and no split is ever copied.
+def _image_stamps(source, files, members) -> list:
+    """What identifies each image's bytes: (name, size, modification time in ns) for a folder,
+    (name, size, CRC) for a zip member (with the zip's own size and time in the key)."""
+    if Path(source).suffix.lower() == ".zip":
+        with zipfile.ZipFile(source) as archive:
+            return [(name, archive.getinfo(members[name]).file_size,
+                     archive.getinfo(members[name]).CRC) for name in files]
+    stats = [os.stat(members[name]) for name in files]
+    return [(name, st.st_size, st.st_mtime_ns) for name, st in zip(files, stats)]
 
-    Returns {"images": (N, 3, h, w) uint8, "files": kept names, "orig_sizes": (N, 2) (W, H),
-    "corrupt": names that could not be decoded (skipped, counted, never a crash mid-training)}.
+
+def cache_key(source, stamps, img_size, crop) -> str:
+    """Everything that determines the cached pixels and their order: cache version, image
+    folder or zip (with the zip's size and time), each file's name, size and modification time
+    (CRC in a zip), the output size and the crop."""
+    source = Path(source).resolve()
+    where = [str(source)] + ([source.stat().st_size, source.stat().st_mtime_ns]
+                             if source.is_file() else [])
+    text = json.dumps([CACHE_VERSION, where, stamps, list(_size_hw(img_size)), crop])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _open_cache(folder: Path) -> dict:
+    """Reopen a finished cache: the pixels memory-mapped (copy-on-write, nothing read yet)."""
+    index = json.loads((folder / "index.json").read_text())
+    shape = tuple(index["shape"])
+    if shape[0] == 0:
+        images = torch.empty(shape, dtype=torch.uint8)
+    else:
+        images = torch.from_numpy(np.memmap(folder / "pixels.u8", np.uint8, mode="c", shape=shape))
+    return {"images": images, "files": index["files"], "orig_sizes": torch.tensor(
+        index["orig_sizes"], dtype=torch.int32).view(-1, 2), "corrupt": index["corrupt"],
+        "path": folder, "built": None}
+
+
+def _decode_chunk(source, members, names, img_size, crop, local):
+    """Worker: decode a few images of a folder or zip -> list of (uint8 (3, h, w), (W, H)) | None."""
+    if Path(source).suffix.lower() != ".zip":
+        return [_decode(members[n], img_size, crop) for n in names]
+    if not hasattr(local, "archive"):  # one open zip per worker thread
+        local.archive = zipfile.ZipFile(source)
+    results = []
+    for name in names:
+        try:
+            data = local.archive.read(members[name])
+        except (OSError, zipfile.BadZipFile, zlib.error):
+            data = b""
+        results.append(_decode(io.BytesIO(data), img_size, crop))
+    return results
+
+
+def _decode_in_order(source, members, files, img_size, crop):
+    """Yield (name, _decode's result) for `files` in order, decoded by threads (PIL releases the
+    GIL) at most two chunks per thread ahead of the consumer, so memory stays bounded."""
+    workers, chunk, local = os.cpu_count() or 1, 32, threading.local()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = collections.deque()
+        for start in range(0, len(files), chunk):
+            names = files[start:start + chunk]
+            pending.append((names, pool.submit(_decode_chunk, source, members, names, img_size,
+                                               crop, local)))
+            if len(pending) >= 2 * workers:
+                names, future = pending.popleft()
+                yield from zip(names, future.result())
+        while pending:
+            names, future = pending.popleft()
+            yield from zip(names, future.result())
+
+
+def _remove_crashed_builds(folder):
+    """Delete the unfinished caches (KEY.PID.*.tmp) of builds whose process no longer runs: a build
+    killed outright cannot clean up after itself, and at full scale it leaves gigabytes."""
+    for tmp in folder.glob("*.*.*.tmp") if folder.is_dir() else []:
+        pid = tmp.name.split(".")[1]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+            except ProcessLookupError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            except OSError:
+                pass  # exists, owned by another user
+
+
+def build_cache(source, files, img_size, crop, verbose=True, members=None) -> dict:
+    """Decode `files` (names in the image folder or zip `source`, in the order wanted) into a
+    uint8 cache on disk, or reopen it if one with the same key (cache_key) exists.
+
+    The decode writes each image straight to the file as it comes (plain writes: the pages of a
+    writable memory map would count as this process's resident memory until the kernel flushes
+    them), so memory does not grow with the number of images; the folder
+    is renamed into place only when complete, so a crashed or concurrent build never leaves half
+    a cache. Returns {"images": (N, 3, h, w) uint8 memory-mapped, "files": kept names, in order,
+    "orig_sizes": (N, 2) (W, H), "corrupt": names that could not be decoded (skipped, counted,
+    never a crash mid-training), "path": the cache folder, "built": (seconds, images) or None}.
     """
-    image_dir = Path(image_dir).resolve()
-    stats = [(name, (image_dir / name).stat().st_size) for name in files]
-    key = hashlib.sha1(json.dumps([CACHE_VERSION, str(image_dir), stats, list(_size_hw(img_size)),
-                                   crop]).encode()).hexdigest()[:16]
-    path = cache_root() / "images" / f"{key}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True, mmap=True)
+    source = Path(source)
+    members = members if members is not None else list_images(source)
+    key = cache_key(source, _image_stamps(source, files, members), img_size, crop)
+    folder = cache_root() / "images" / key
+    if (folder / "index.json").is_file():
+        return _open_cache(folder)
     out_h, out_w = _size_hw(img_size)
-    images = torch.empty((len(files), 3, out_h, out_w), dtype=torch.uint8)
-    sizes = torch.zeros((len(files), 2), dtype=torch.int32)
-    ok = torch.zeros(len(files), dtype=torch.bool)
-    start, done = time.time(), 0
-    # PIL releases the GIL while decoding and resizing, so threads use every core.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for i, result in enumerate(pool.map(lambda n: _decode(image_dir / n, img_size, crop),
-                                            files, chunksize=64)):
-            if result is not None:
-                images[i], sizes[i] = result[0], torch.tensor(result[1])
-                ok[i] = True
-            done += 1
-            if verbose and (done % 5000 == 0 or done == len(files)):
-                rate = done / max(time.time() - start, 1e-9)
-                print(f"\rcaching images: {done}/{len(files)} ({rate:.0f} img/s)", end="",
-                      file=sys.stderr, flush=True)
-    if verbose and files:
-        print(file=sys.stderr)
-    cache = {"images": images[ok].contiguous(), "files": [f for f, k in zip(files, ok) if k],
-             "orig_sizes": sizes[ok], "corrupt": [f for f, k in zip(files, ok) if not k]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    torch.save(cache, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent or crashed build never leaves half a cache
+    need = len(files) * 3 * out_h * out_w
+    _remove_crashed_builds(folder.parent)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{key}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
+    except OSError as err:
+        raise InputError(f"cannot write the image cache in {folder.parent} ({err.strerror}); "
+                         "set FACE_ATTR_CACHE to a writable folder") from err
+    free = shutil.disk_usage(tmp).free
+    if need > free:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise InputError(f"the {out_h}x{out_w} cache of {len(files):,} images needs "
+                         f"{need / 1e9:.1f} GB in {folder.parent}, which has {free / 1e9:.1f} GB "
+                         "free; set FACE_ATTR_CACHE to a folder with room")
+    kept, sizes, corrupt = [], [], []
+    start = time.time()
+    try:
+        with open(tmp / "pixels.u8", "wb") as out:
+            for done, (name, result) in enumerate(_decode_in_order(source, members, files, img_size,
+                                                                   crop), 1):
+                if result is None:
+                    corrupt.append(name)
+                else:
+                    out.write(result[0].numpy().data)  # straight to the file, in order
+                    kept.append(name)
+                    sizes.append(result[1])
+                if verbose and (done % 5000 == 0 or done == len(files)):
+                    print(f"\rcaching images: {done}/{len(files)} ({done / (time.time() - start):.0f} "
+                          "img/s)", end="" if done < len(files) else "\n", file=sys.stderr, flush=True)
+        (tmp / "index.json").write_text(json.dumps({
+            "shape": [len(kept), 3, out_h, out_w], "files": kept, "orig_sizes": sizes,
+            "corrupt": corrupt, "source": str(source)}))
+        try:
+            os.rename(tmp, folder)  # atomic; fails if another process finished the same cache first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cache = _open_cache(folder)
+    cache["built"] = (time.time() - start, len(files))
     return cache
 
 
@@ -298,7 +521,12 @@ def build_cache(image_dir, files, img_size, crop, verbose=True) -> dict:
 # ------------------------------------------------------------------------------------------------
 @dataclass
 class FaceData:
-    """One split of a dataset, fully in memory: uint8 images plus per-image annotations."""
+    """One split of a dataset: uint8 images plus per-image annotations.
+
+    `images` is a plain (N, 3, H, W) uint8 tensor: a slice of the memory-mapped disk cache (only
+    the rows read are ever loaded), or a copy on the GPU after to_device. `stream`, set by
+    to_device when the images stay on the host, gathers the next batches in a background thread.
+    """
     images: torch.Tensor  # (N, 3, H, W) uint8 RGB, cropped and resized
     labels: torch.Tensor  # (N, A) float32 in {0, 1}, columns = attr_names
     attr_names: list
@@ -309,12 +537,14 @@ class FaceData:
     layout: str
     split: str
     img_size: tuple
+    stream: BatchStream | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def fallback_split(files, identities, seed=0) -> list[str]:
     """A deterministic 80/10/10 train/val/test assignment. With identities, whole identities are
     assigned (shuffled by `seed`, filling train to 80 % of the images, then val to 90 %), so no
-    person appears in two parts; without, single images are."""
+    person appears in two parts; without, single images are. With fewer than three identities (or
+    images) some parts stay empty: every image of one identity goes to train."""
     groups = {}
     for name, ident in zip(files, identities if identities is not None else files):
         groups.setdefault(ident, []).append(name)
@@ -326,9 +556,10 @@ def fallback_split(files, identities, seed=0) -> list[str]:
         for name in groups[keys[k]]:
             split_of[name] = part
         seen += len(groups[keys[k]])
-    for part, k in (("test", order[-1]), ("val", order[-2])):  # tiny sets: no part left empty
-        if len(keys) >= 3 and part not in split_of.values():
-            split_of.update({name: part for name in groups[keys[k]]})
+    if len(keys) >= 3:  # tiny sets: no part left empty
+        for part, k in (("test", order[-1]), ("val", order[-2])):
+            if part not in split_of.values():
+                split_of.update({name: part for name in groups[keys[k]]})
     return [split_of[name] for name in files]
 
 
@@ -344,6 +575,35 @@ def _map_landmarks(points, orig_sizes, img_size, crop):
     return mapped
 
 
+def read_identities(layout, files) -> tuple[dict | None, int]:
+    """(file -> identity for `files`, or None unless the identity file covers all of them;
+    how many of `files` it covers)."""
+    if "identity_CelebA" not in layout.files:
+        return None, 0
+    _, rows = read_annotation(layout.files["identity_CelebA"])
+    covered = sum(f in rows for f in files)
+    return ({f: int(rows[f][0]) for f in files} if covered == len(files) else None), covered
+
+
+def assign_partition(layout, files, identities, verbose=False, say_split=True) -> tuple[dict, str]:
+    """file -> 0/1/2 (train/val/test) and 'official' or 'fallback': the official partition when it
+    covers `files` and leaves no part empty, else fallback_split (with a printed notice)."""
+    if "list_eval_partition" in layout.files:
+        _, rows = read_annotation(layout.files["list_eval_partition"])
+        if all(f in rows for f in files):
+            parts = {f: int(rows[f][0]) for f in files}
+            if len(set(parts.values())) == 3:
+                return parts, "official"
+    if verbose and say_split:
+        why = "no partition file" if "list_eval_partition" not in layout.files else \
+            "the official partition leaves a part empty for the images present"
+        by = "by identity" if identities is not None else "by image (no usable identity file)"
+        print(f"note: {why}; using a deterministic 80/10/10 split {by}", file=sys.stderr)
+    ids = [identities[f] for f in files] if identities is not None else None
+    names = ("train", "val", "test")
+    return {f: names.index(p) for f, p in zip(files, fallback_split(files, ids))}, "fallback"
+
+
 def load_celeba(data, attrs=None, split="train", img_size=128, crop=170, verbose=True) -> FaceData:
     """Load one split of CelebA (any layout, or 'demo' / 'demo:N') as a FaceData.
 
@@ -351,11 +611,13 @@ def load_celeba(data, attrs=None, split="train", img_size=128, crop=170, verbose
     attrs: attribute names in the order wanted (None = all 40); labels become 0/1 floats.
     split: 'train' | 'val' | 'test' | 'all'. The official partition is used when it covers the
         images present and leaves no part empty; otherwise a deterministic identity-disjoint
-        80/10/10 split (fallback_split), with a notice.
+        80/10/10 split (fallback_split), with a notice. Rows are sorted by file name within a
+        split; 'all' is train, then val, then test.
     img_size: int (square) or (H, W). crop: centre crop side in official pixels, None = full frame.
 
     Only images that exist AND have a label row are used; missing ones, unlabelled ones and
-    corrupt ones are counted in one printed line.
+    corrupt ones are counted in one printed line. The images are a slice of the memory-mapped
+    disk cache (build_cache): loading costs no memory until rows are read.
     """
     if split not in SPLITS:
         raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
@@ -365,62 +627,119 @@ def load_celeba(data, attrs=None, split="train", img_size=128, crop=170, verbose
     attr_names = resolve_attrs(attrs if attrs is not None else header, header)
     columns = [header.index(a) for a in attr_names]
 
-    on_disk = {p.name for p in layout.image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
-    files = sorted(on_disk & attr_rows.keys())
+    members = list_images(layout.image_dir)
+    files = sorted(members.keys() & attr_rows.keys())
     if not files:
         raise InputError(f"none of the {len(attr_rows)} labelled images is in {layout.image_dir}")
-    cache = build_cache(layout.image_dir, files, img_size, crop, verbose)
-    files = cache["files"]
+    identity_of, covered = read_identities(layout, files)
+    part_of, _ = assign_partition(layout, files, identity_of, verbose, split != "all")
+    order = sorted(files, key=lambda f: (part_of[f], f))  # each split: one contiguous block
+    cache = build_cache(layout.image_dir, order, img_size, crop, verbose, members)
+    kept = cache["files"]
     if verbose:
-        notes = [f"{len(files)} of {len(attr_rows)} labelled images found in {layout.image_dir}"
+        notes = [f"{len(kept)} of {len(attr_rows)} labelled images found in {layout.image_dir}"
                  f" ({layout.name} layout)"]
-        if len(on_disk) > len(on_disk & attr_rows.keys()):
-            notes.append(f"{len(on_disk - attr_rows.keys())} unlabelled images ignored")
+        if len(members) > len(files):
+            notes.append(f"{len(members) - len(files)} unlabelled images ignored")
         if cache["corrupt"]:
             notes.append(f"{len(cache['corrupt'])} corrupt images skipped")
+        if identity_of is None and "identity_CelebA" in layout.files:
+            notes.append(f"{layout.files['identity_CelebA'].name} covers only {covered} of "
+                         f"{len(files)} images: identities unused")
         print("; ".join(notes), file=sys.stderr)
 
-    identities = None
-    if "identity_CelebA" in layout.files:
-        _, rows = read_annotation(layout.files["identity_CelebA"])
-        if all(f in rows for f in files):
-            identities = torch.tensor([int(rows[f][0]) for f in files])
-    partition = None
-    if "list_eval_partition" in layout.files:
-        _, rows = read_annotation(layout.files["list_eval_partition"])
-        if all(f in rows for f in files):
-            partition = [("train", "val", "test")[int(rows[f][0])] for f in files]
-            if len(set(partition)) < 3:
-                partition = None
-    if partition is None:
-        if verbose and split != "all":
-            why = "no partition file" if "list_eval_partition" not in layout.files else \
-                "the official partition leaves a part empty for the images present"
-            by = "by identity" if identities is not None else "by image (no identity file)"
-            print(f"note: {why}; using a deterministic 80/10/10 split {by}", file=sys.stderr)
-        partition = fallback_split(files, identities.tolist() if identities is not None else None)
-    keep = torch.tensor([split == "all" or p == split for p in partition])
-
+    parts = [part_of[f] for f in kept]  # non-decreasing: the split is rows [lo, hi)
+    lo, hi = (0, len(kept)) if split == "all" else (
+        bisect.bisect_left(parts, SPLITS.index(split)), bisect.bisect_right(parts, SPLITS.index(split)))
+    files = kept[lo:hi]
     labels = torch.tensor([[float(attr_rows[f][c]) > 0 for c in columns] for f in files],
                           dtype=torch.float32).reshape(len(files), len(columns))
     landmarks = None
     if "list_landmarks_align_celeba" in layout.files:
         _, rows = read_annotation(layout.files["list_landmarks_align_celeba"])
-        if all(f in rows for f in files):
+        if all(f in rows for f in kept):
             points = torch.tensor([[float(v) for v in rows[f]] for f in files]).view(-1, 5, 2)
-            landmarks = _map_landmarks(points, cache["orig_sizes"], img_size, crop)[keep]
+            landmarks = _map_landmarks(points, cache["orig_sizes"][lo:hi], img_size, crop)
     return FaceData(
-        images=cache["images"][keep], labels=labels[keep], attr_names=attr_names,
-        files=[f for f, k in zip(files, keep.tolist()) if k],
-        identities=None if identities is None else identities[keep], landmarks=landmarks,
-        root=layout.root, layout=layout.name, split=split, img_size=_size_hw(img_size))
+        images=cache["images"][lo:hi], labels=labels, attr_names=attr_names, files=files,
+        identities=None if identity_of is None else torch.tensor([identity_of[f] for f in files]),
+        landmarks=landmarks, root=layout.root, layout=layout.name, split=split,
+        img_size=_size_hw(img_size))
 
 
-def to_device(data: FaceData, device) -> FaceData:
-    """Move the tensors of a FaceData to `device` once (uint8 images stay uint8 there)."""
+# ------------------------------------------------------------------------------------------------
+# Batches: on the GPU when the split fits there, else streamed from the disk cache
+# ------------------------------------------------------------------------------------------------
+GPU_CACHE_MODES = ("auto", "on", "off")
+
+
+class BatchStream:
+    """Gathers the uint8 rows of upcoming batches from host images (the memory-mapped cache) in a
+    background thread, `ahead` steps before they are asked for, into pinned memory when the
+    batches go to a GPU (so the copy there is asynchronous). It only computes early what
+    get_batch would compute anyway: a batch stays a pure function of its step."""
+
+    def __init__(self, images, ahead=4, pin=False):
+        self.images, self.ahead, self.pin = images, ahead, pin
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.pending = {}  # (batch settings, step) -> Future of the gathered rows
+
+    def gather(self, idx):
+        out = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=self.pin)
+        return torch.index_select(self.images, 0, idx, out=out)
+
+    def take(self, step, settings, indices_of):
+        """The rows of batch `step` (indices_of(step) -> indices), and queue the next steps."""
+        future = self.pending.pop((settings, step), None)
+        wanted = [(settings, s) for s in range(step + 1, step + 1 + self.ahead)]
+        for key in set(self.pending) - set(wanted):
+            self.pending.pop(key).cancel()  # a jump (resume) or other settings: drop stale work
+        for key in wanted:
+            if key not in self.pending:
+                self.pending[key] = self.pool.submit(self.gather, indices_of(key[1]))
+        return future.result() if future is not None else self.gather(indices_of(step))
+
+
+def to_device(data: FaceData, device, gpu_cache=None, ahead=4) -> FaceData:
+    """Move a FaceData to `device` once: labels, identities and landmarks always; the uint8 images
+    when they fit there, else they stay in the memory-mapped cache and batches stream from it.
+
+    gpu_cache: 'auto' (default; $FACE_ATTR_GPU_CACHE overrides) keeps the images on a GPU when
+    they take under a quarter of its free memory; 'on' always; 'off' never (streamed, also on
+    the CPU, where it gathers batches in a background thread). The rule is checked once here.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    mode = gpu_cache or os.environ.get("FACE_ATTR_GPU_CACHE") or "auto"
+    if mode not in GPU_CACHE_MODES:
+        raise InputError(f"unknown gpu cache mode {mode!r} (FACE_ATTR_GPU_CACHE or gpu_cache); "
+                         f"expected one of {', '.join(GPU_CACHE_MODES)}")
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return dataclasses.replace(data, images=move(data.images), labels=move(data.labels),
-                               identities=move(data.identities), landmarks=move(data.landmarks))
+    small = dict(labels=move(data.labels), identities=move(data.identities),
+                 landmarks=move(data.landmarks))
+    nbytes = data.images.numel() * data.images.element_size()
+    if mode == "off":
+        resident = False
+    elif mode == "on" or data.images.device == device or device.type != "cuda":
+        resident = True  # on the CPU the memory map is already where the batches are made
+    else:
+        free = torch.cuda.mem_get_info(device)[0]
+        resident = nbytes < free / 4
+        if not resident:
+            print(f"note: the {data.split} images ({nbytes / 1e9:.1f} GB) take more than a quarter "
+                  f"of the GPU's {free / 1e9:.1f} GB free: batches stream from the disk cache "
+                  "(FACE_ATTR_GPU_CACHE=on|off to choose)", file=sys.stderr)
+    if not resident:
+        host = data.images.cpu()
+        return dataclasses.replace(data, images=host, stream=BatchStream(
+            host, ahead, pin=device.type == "cuda"), **small)
+    if data.images.device == device:
+        return dataclasses.replace(data, stream=None, **small)
+    images = torch.empty(data.images.shape, dtype=torch.uint8, device=device)
+    for i in range(0, len(images), 4096):  # in blocks: the memory map is read once, in order
+        images[i:i + 4096].copy_(data.images[i:i + 4096])
+    return dataclasses.replace(data, images=images, stream=None, **small)
 
 
 @functools.lru_cache(maxsize=4)
@@ -428,7 +747,8 @@ def _epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def batch_indices(n, step, batch_size, seed=0, rank=0, world_size=1) -> torch.Tensor:
+def batch_indices(n, step, batch_size, seed=0, rank=0, world_size=1,
+                  what="training images") -> torch.Tensor:
     """The image indices of training step `step`: a pure function of its arguments.
 
     Epoch e walks the permutation seeded by (seed, e) in slices of batch_size * world_size; rank r
@@ -438,7 +758,11 @@ def batch_indices(n, step, batch_size, seed=0, rank=0, world_size=1) -> torch.Te
     """
     per_epoch = n // (batch_size * world_size)
     if per_epoch == 0:
-        raise InputError(f"{n} images cannot fill one batch of {batch_size} on {world_size} ranks")
+        ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+        raise InputError(
+            f"only {n} {what} (what the train/val/test split left of this dataset), fewer than one "
+            f"batch of {batch_size}{ranks}: use --batch-size {max(1, n // world_size)} or less, or "
+            "more images (a folder of few identities keeps about 80 % of them for training)")
     epoch, position = divmod(step, per_epoch)
     start = (position * world_size + rank) * batch_size
     return _epoch_permutation(n, seed, epoch)[start:start + batch_size]
@@ -448,14 +772,22 @@ def get_batch(data: FaceData, step, batch_size, seed=0, device=None, rank=0, wor
               hflip=False, channels_last=False):
     """Batch `step` of `data` -> (images float in [-1, 1] (B, 3, H, W), labels (B, A), indices (B,)).
 
-    Indexing happens where data.images lives (call to_device once to keep it on the GPU); the
-    uint8 batch is moved and converted to float on `device`. hflip mirrors a random half of the
-    batch, drawn from (seed, step) so it is reproducible too.
+    The uint8 rows are gathered where data.images lives (the GPU after to_device when they fit;
+    else from the memory-mapped cache, a few steps ahead by data.stream), moved to `device`
+    asynchronously and converted to float there. hflip mirrors a random half of the batch, drawn
+    from (seed, step) so it is reproducible too.
     """
-    device = torch.device(device) if device is not None else data.images.device
-    idx = batch_indices(len(data.images), step, batch_size, seed, rank, world_size)
-    images = data.images[idx.to(data.images.device)].to(device, non_blocking=True)
-    images = to_float(images)
+    if device is None:
+        device = data.labels.device if data.stream is not None else data.images.device
+    device = torch.device(device)
+    n = len(data.images)
+    idx = batch_indices(n, step, batch_size, seed, rank, world_size)
+    if data.stream is not None and data.stream.images is data.images:
+        rows = data.stream.take(step, (batch_size, seed, rank, world_size), lambda s: batch_indices(
+            n, s, batch_size, seed, rank, world_size))
+    else:
+        rows = data.images[idx.to(data.images.device)]
+    images = to_float(rows.to(device, non_blocking=True))
     if hflip:
         flip = torch.rand(len(idx), generator=torch.Generator().manual_seed(seed * 7919 + step)) < 0.5
         images = torch.where(flip.to(device).view(-1, 1, 1, 1), images.flip(-1), images)
@@ -909,49 +1241,60 @@ def render_counterfactual(root, file_name, changes):
     params = load_demo_params(root)[file_name]
     return render_face(apply_attr_changes(params, changes))[0]
 
+
 # ------------------------------------------------------------------------------------------------
 # Command line: info, download, bench
 # ------------------------------------------------------------------------------------------------
 CELEBA_FILES_HELP = """\
 CelebA cannot be downloaded automatically here. Fetch these files by hand from the official page
-(https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html -> 'Align&Cropped Images' and 'Anno' / 'Eval'):
-  Img/img_align_celeba.zip            (1.4 GB; unzip it: gives img_align_celeba/000001.jpg ...)
+(https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html -> the Google Drive folder: 'Img', 'Anno', 'Eval'):
+  Img/img_align_celeba.zip            (1.4 GB; no need to unzip: it is read in place)
   Anno/list_attr_celeba.txt           (the 40 attributes: required)
   Anno/identity_CelebA.txt            (identities: needed by dual_transfer.py and mad.py)
   Anno/list_landmarks_align_celeba.txt (landmarks: pose supervision in mad.py)
   Anno/list_bbox_celeba.txt
   Eval/list_eval_partition.txt        (the official train/val/test split)
-and put them side by side:
-  {root}/img_align_celeba/000001.jpg ...   {root}/list_attr_celeba.txt   {root}/identity_CelebA.txt ...
-(torchvision's layout, {root}/celeba/..., and the Kaggle copy 'jessicali9530/celeba-dataset'
-unzipped into {root} are read as well). Then: python common.py info {root}"""
+and keep the folders as they are:
+  {root}/Img/img_align_celeba.zip (or Img/img_align_celeba/000001.jpg ...)  {root}/Anno/...  {root}/Eval/...
+(all files side by side in {root}, torchvision's layout {root}/celeba/..., and the Kaggle copy
+'jessicali9530/celeba-dataset' unzipped into {root} are read as well). Then: python common.py info {root}"""
 
 
 def info(data):
     """Print what `data` holds: layout, counts, partitions, identities, attribute positive rates."""
     layout = find_layout(data)
     print(f"layout: {layout.name}  ({layout.root})")
-    print(f"images: {layout.image_dir}")
+    kind = "zip, read in place" if layout.image_dir.suffix.lower() == ".zip" else "folder"
+    print(f"images: {layout.image_dir} ({kind})")
     for stem, what in ANNOTATIONS.items():
-        print(f"  {stem:<28} {layout.files[stem].name if stem in layout.files else '-- missing':<34} {what}")
+        found = layout.files[stem].relative_to(layout.root) if stem in layout.files else "-- missing"
+        print(f"  {stem:<28} {str(found):<34} {what}")
     full = load_celeba(data, split="all", img_size=32)
     parts = {s: load_celeba(data, split=s, img_size=32, verbose=False) for s in ("train", "val", "test")}
-    _, rows = (read_annotation(layout.files["list_eval_partition"]) if "list_eval_partition" in layout.files
-               else (None, {}))
-    official = rows and all(rows.get(f) == [str(("train", "val", "test").index(s))]
-                            for s, p in parts.items() for f in p.files)
-    print("partition: " + ("official" if official else "deterministic 80/10/10 fallback "
+    identity_of, covered = read_identities(layout, full.files)
+    _, how = assign_partition(layout, full.files, identity_of)
+    print("partition: " + ("official" if how == "official" else "deterministic 80/10/10 fallback "
                            "(no usable official partition for the images present)"))
     print("split sizes: " + ", ".join(f"{s} {len(p.files)}" for s, p in parts.items()))
+    empty = [s for s, p in parts.items() if not p.files]
+    if empty:
+        people = "" if full.identities is None else \
+            f" of {len(torch.unique(full.identities))} identity(ies)"
+        print(f"note: {' and '.join(empty)} empty: {len(full.files)} image(s){people} cannot fill "
+              "three identity-disjoint parts; training works, evaluation needs at least 3 "
+              "identities (or images)")
     if full.identities is not None:
         counts = torch.unique(full.identities, return_counts=True)[1].float()
         print(f"identities: {len(counts)} ({counts.mean():.1f} images each on average, "
               f"{int((counts > 1).sum())} with two or more)")
+    elif "identity_CelebA" in layout.files:
+        print(f"identities: unused: {layout.files['identity_CelebA'].name} covers {covered} of the "
+              f"{len(full.files)} images (identity pairs and triplets need every image covered)")
     else:
-        print("identities: none (no identity_CelebA.txt)")
+        print("identities: none (no identity_CelebA file)")
     print(f"landmarks: {'yes' if full.landmarks is not None else 'none'}")
     print("attribute positive rates (all images):")
-    rates = full.labels.mean(0).tolist()
+    rates = full.labels.mean(0).tolist() if len(full.files) else [float("nan")] * len(full.attr_names)
     for i in range(0, len(rates), 4):
         print("  " + "".join(f"{name:<20}{rate:>6.1%}    " for name, rate in
                              zip(full.attr_names[i:i + 4], rates[i:i + 4])))
@@ -970,27 +1313,55 @@ def download(root):
         sys.exit(1)
 
 
-def bench(data, img_size=128, batch_size=64, steps=300, device="auto"):
-    """Loader throughput: time the cache build/load, then `steps` batches into `device` (img/s)."""
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB (getrusage: kB on Linux, bytes on macOS)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024) / 1e9
+
+
+def bench(data, img_size=128, batch_size=64, steps=300, device="auto", split="train"):
+    """Loader figures: the cache build (img/s, peak resident memory), then `steps` batches into
+    `device` by both paths: resident (the GPU copy; on a CPU the memory map gathered in the loop)
+    and streamed (gathered from the memory map a few steps ahead in a background thread)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    images_dir = cache_root() / "images"
+    before = set(os.listdir(images_dir)) if images_dir.is_dir() else set()
     start = time.time()
-    train = load_celeba(data, split="train", img_size=img_size)
-    print(f"load (cache build or reuse): {time.time() - start:.2f} s for {len(train.files)} images")
-    train = to_device(train, device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for step in range(5):  # warm-up
-        get_batch(train, step, batch_size, device=device, hflip=True)
-    sync()
-    start = time.time()
-    for step in range(steps):
-        images, labels, _ = get_batch(train, step, batch_size, device=device, hflip=True,
-                                      channels_last=True)
-    sync()
+    data = load_celeba(data, split=split, img_size=img_size)
     seconds = time.time() - start
-    print(f"get_batch: {steps * batch_size / seconds:,.0f} img/s into {device} "
-          f"({img_size} px, batch {batch_size}, {steps} steps, hflip + channels_last)")
+    built = images_dir.is_dir() and set(os.listdir(images_dir)) - before
+    if built:
+        total = len(json.loads((images_dir / sorted(built)[0] / "index.json").read_text())["files"])
+        print(f"cache build: {total:,} images in {seconds:.1f} s ({total / seconds:,.0f} img/s, "
+              f"annotations and file listing included); peak resident memory {peak_rss_gb():.2f} GB")
+    else:
+        print(f"cache reused ({seconds:.1f} s to open; point FACE_ATTR_CACHE at an empty folder to "
+              f"time a build); peak resident memory {peak_rss_gb():.2f} GB")
+    nbytes = data.images.numel()
+    print(f"{split} split: {len(data.files):,} images of {img_size} px = {nbytes / 1e9:.2f} GB")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    names = {"on": "GPU-resident" if device.type == "cuda" else "in memory (memory map)",
+             "off": "streamed (background thread" + (", pinned memory)" if device.type == "cuda" else ")")}
+    for mode in ("on", "off"):
+        if mode == "on" and device.type == "cuda" and nbytes > 0.9 * torch.cuda.mem_get_info(device)[0]:
+            print(f"{names[mode]}: skipped, {nbytes / 1e9:.1f} GB does not fit in the GPU's free memory")
+            continue
+        moved = to_device(data, device, gpu_cache=mode)
+        for step in range(5):  # warm-up
+            get_batch(moved, step, batch_size, device=device, hflip=True, channels_last=True)
+        sync()
+        start = time.time()
+        for step in range(5, 5 + steps):
+            get_batch(moved, step, batch_size, device=device, hflip=True, channels_last=True)
+        sync()
+        seconds = time.time() - start
+        print(f"{names[mode]}: {steps / seconds:,.1f} batches/s, {steps * batch_size / seconds:,.0f} "
+              f"img/s into {device} (batch {batch_size}, {steps} steps, hflip + channels_last)")
+        del moved
+    print(f"peak resident memory (whole run): {peak_rss_gb():.2f} GB")
 
 
 def main(argv=None):
@@ -999,20 +1370,26 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="layout, counts, partitions, attribute rates").add_argument(
         "data", help="dataset folder, or 'demo' / 'demo:N'")
-    sub.add_parser("download", help="download CelebA (or say how)").add_argument("root")
-    b = sub.add_parser("bench", help="loader throughput in img/s")
-    b.add_argument("--data", default="demo")
-    b.add_argument("--img-size", type=int, default=128)
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--steps", type=int, default=300)
-    b.add_argument("--device", default="auto")
+    sub.add_parser("download", help="download CelebA (or say how)").add_argument(
+        "root", help="folder to download into")
+    what = ("cache build img/s and peak resident memory, then batches/s and img/s for the "
+            "GPU-resident and the streamed path")
+    b = sub.add_parser("bench", help=what, description=what)
+    b.add_argument("--data", default="demo", help="dataset folder, or 'demo' / 'demo:N'")
+    b.add_argument("--img-size", type=int, default=128, help="side of the cached images in pixels")
+    b.add_argument("--batch-size", type=int, default=64, help="images per batch")
+    b.add_argument("--steps", type=int, default=300, help="batches timed per path")
+    b.add_argument("--split", default="train", choices=SPLITS, help="which split to batch from")
+    b.add_argument("--device", default="auto", help="cuda, cpu, ... (auto: cuda when available)")
     args = parser.parse_args(argv)
     if args.command == "info":
         info(args.data)
     elif args.command == "download":
         download(args.root)
     else:
-        bench(args.data, args.img_size, args.batch_size, args.steps, args.device)
+        if args.img_size < 1 or args.batch_size < 1 or args.steps < 1:
+            raise InputError("--img-size, --batch-size and --steps must be at least 1")
+        bench(args.data, args.img_size, args.batch_size, args.steps, args.device, args.split)
 
 
 if __name__ == "__main__":
