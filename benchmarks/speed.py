@@ -14,6 +14,7 @@ part in (AttGAN: a D or a G step counts its batch; Dual Training: both images of
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -37,6 +38,14 @@ FULL_SIZE = {
 METHODS = tuple(FULL_SIZE)
 
 
+@functools.lru_cache(maxsize=None)
+def has_compile_flag(method):
+    """Whether <method>.py takes --compile / --no-compile (read from its --help)."""
+    proc = subprocess.run([sys.executable, str(ROOT / f"{method}.py"), "--help"], cwd=ROOT,
+                          capture_output=True, text=True)
+    return "--no-compile" in proc.stdout
+
+
 def measure(method, batch_size, amp, compile_, steps, quick, device, data, workdir):
     """Run `steps` training steps of one method -> img/s of the second logging interval."""
     out = Path(workdir) / f"{method}_b{batch_size}_amp{int(amp)}_c{int(compile_)}"
@@ -44,7 +53,11 @@ def measure(method, batch_size, amp, compile_, steps, quick, device, data, workd
     command = [sys.executable, str(ROOT / f"{method}.py"), "--data", data, "--out", str(out),
                "--steps", str(2 * half), "--log-every", str(half), "--batch-size", str(batch_size),
                "--sample-every", str(10 ** 9), "--ckpt-every", str(10 ** 9), "--device", device,
-               "--amp" if amp else "--no-amp", "--compile" if compile_ else "--no-compile"]
+               "--amp" if amp else "--no-amp"]
+    if has_compile_flag(method):
+        command.append("--compile" if compile_ else "--no-compile")
+    elif compile_:
+        return None, f"{method}.py has no --compile option"
     command += ["--smoke"] if quick else FULL_SIZE[method]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     metrics = next(out.rglob("metrics.jsonl"), out / "metrics.jsonl")  # mad.py: <out>/<stage>/
