@@ -1,374 +1,582 @@
-"""Features Changer: autoencoders whose latent codes carry attribute directions.
+"""Features Changer: autoencoders whose codes hold attribute directions (smile, glasses, blond hair).
 
-Reimplements the **Features Changer** project (Cc618/Feature-Changer, MIT licence): an autoencoder
-learns a 100-number code z for a face; the mean code of faces WITH an attribute minus the mean code
-of faces WITHOUT it is a direction v in that code, and decoding z + 1.5·v adds the attribute
-(glasses, blond hair, a smile, a mustache), z − 1.5·v removes it. Two autoencoders:
+Follows Cc618/Feature-Changer (MIT, commit 7ab82f5; no paper). An autoencoder learns a code z per
+face; the mean code of faces WITH an attribute minus that of faces WITHOUT it is a direction v:
+decoding z + 1.5·v adds the attribute, z − 1.5·v removes it (src/stats.py, src/main.py). Two
+autoencoders (src/net.py): dcae, the original's `Net3` (32 px, 100 numbers; src/params.py), and
+pgae, its fully convolutional `PGAE`, grown as in Karras et al., "Progressive Growing of GANs for
+Improved Quality, Stability, and Variation", ICLR 2018, arXiv:1710.10196 (no GAN here). Both learn
+with the loss of Hou, Shen, Sun, Qiu, "Deep Feature Consistent Variational Autoencoder", WACV
+2017, arXiv:1610.00291 (§3.2, without the KL term; src/vgg_loss.py after ku2482/vae.pytorch).
 
-* `dcae` — Deep Convolutional AutoEncoder, 32 px (the original's `Net3`, after ku2482/vae.pytorch).
-* `pgae` — Progressive Growing AutoEncoder (Karras et al., "Progressive Growing of GANs for
-  Improved Quality, Stability, and Variation", ICLR 2018, https://arxiv.org/abs/1710.10196, but an
-  autoencoder, not a GAN): trained at 8 px, then grown to 16, 32 and 64 px, each new resolution
-  faded in on both the encoder and the decoder.
+Objective (tensors hold [-1, 1]; the losses see u(x) = (x + 1) / 2, the original's ToTensor [0, 1])
+    x̂ = D(E(x))
+    L_dfc = Σ_{l ∈ relu1_1, relu2_1, relu3_1} mean((Φ_l(u(x̂)) − Φ_l(u(x)))²)   src/vgg_loss.py 'vae-123'
+            Φ: ImageNet VGG19 fed raw [0, 1] images (no mean/std), always in fp32
+    L_mse = mean((u(x̂) − u(x))²)    pgae below 32 px (src/train.py feature_loss_step 3), --loss mse
+    v_a = mean_{a(x)=1} E(x) − mean_{a(x)=0} E(x)     ≤ 1000 images per side (src/data.py, stats.py)
+    grid: D(E(x) ± 1.5·v_a)        lerp GIF: D((1 − t)·z + t·(z ± 2·v_a)), 20 frames at 256 px
+    pgae, resolution R fading in, α: 0 -> 1 over one phase (src/net.py PGAE.encode, .decode):
+        h = α·EBlock_R(fromRGB_R(x)) + (1 − α)·fromRGB_{R/2}(avgpool2(x))
+        x̂ = α·toRGB_R(DBlock_R(h')) + (1 − α)·nearest_x2(toRGB_{R/2}(h'))
+Notation -> code: E, D = model.encode, .decode; Φ_l = the taps in loss_dfc; v_a = attribute_vectors;
+α, R = pg_schedule; widths nef = 32 (Net3), chan = 8 (PGAE): constructor arguments.
 
-Both are trained with the Deep Feature Consistent loss (Xianxu Hou, Linlin Shen, Ke Sun, Guoping
-Qiu, "Deep Feature Consistent Variational Autoencoder", WACV 2017, https://arxiv.org/abs/1610.00291)
-for sharper pictures than a pixel loss gives.
-
-Objective
----------
-    z = E(x)  (B, 100)          x̂ = D(z)  (B, 3, H, W) in [-1, 1]
-    L_dfc = Σ_{l ∈ relu1_1, relu2_1, relu3_1} MSE(Φ_l(x̂), Φ_l(x))     Φ = frozen ImageNet VGG19 on
-                                                     ImageNet-normalised inputs ((x + 1)/2 − μ)/σ
-    L_mse = MSE(x̂, x)                                  (--loss mse; and PGAE below 32 px)
-    PGAE fade-in of resolution R (α: 0 -> 1 over --fade-steps, then --stable-steps at α = 1):
-        encoder: h_{R/2} = α·block_R(fromRGB_R(x_R)) + (1 − α)·fromRGB_{R/2}(avgpool(x_R))
-        decoder: x̂_R     = α·toRGB_R(block_R(h_{R/2})) + (1 − α)·upsample(toRGB_{R/2}(h_{R/2}))
-Attribute vectors (the original's README: 1000 images with, 1000 without, strength 1.5):
-    v_a = mean_{x: a(x)=1} E(x) − mean_{x: a(x)=0} E(x)
-    grid:  D(E(x) ± 1.5·v_a)        lerp:  D(E(x) + t·(±2·v_a)), t = 0 .. 1
-    morph: D((1 − t)·E(x_1) + t·E(x_2))
-    edit (evaluation contract): D(E(x) + 1.5·Σ_a (tgt_a − src_a)·v_a)
-
-Notation -> code
-----------------
-    E, D                AutoEncoder.encode / .decode  (one module; `progressive` picks PGAE)
-    z                   z_size numbers (original `z_size` = 100)
-    Φ_l                 VGGFeatures (VGG19 features[:12]; taps after indices 1, 6, 11)
-    v_a                 attribute_vectors(...) -> (A, z_size); vectors.pt holds them per name
-    α, R                pg_schedule(step, ...) -> (resolution index, alpha)
-    nef, ndf            encoder / decoder base widths (the original's names, 32 each)
-
-Shapes (dcae, 32 px, nef = ndf = 32; every conv block: conv, LeakyReLU 0.2, BatchNorm, as the
-original orders them)
---------------------------------------------------------------------------------------------------
-    E: x (B, 3, 32, 32) -> (B, 32, 16, 16) -> (B, 64, 8, 8) -> (B, 128, 4, 4)   conv 4x4 stride 2
-       -> flatten (B, 2048) -> Linear -> z (B, 100)
-    D: z -> Linear, ReLU -> (B, 128, 4, 4) -> (B, 64, 8, 8) -> (B, 32, 16, 16)   nearest x2, conv 3x3
-       -> nearest x2, conv 3x3 -> (B, 3, 32, 32), tanh
-pgae (64 px): the same blocks one level deeper, with a 1x1 fromRGB (3 -> C, LeakyReLU) before the
-encoder block and a 1x1 toRGB (C -> 3, tanh) after the decoder block of every resolution R:
-    E at 64 px: x (B, 3, 64, 64) -> fromRGB_64 (B, 16, 64, 64) -> (B, 32, 32, 32) -> (B, 64, 16, 16)
-                -> (B, 128, 8, 8) -> (B, 256, 4, 4) -> z (B, 100)
-    E at 8 px:  x (B, 3, 8, 8) -> fromRGB_8 (B, 128, 8, 8) -> (B, 256, 4, 4) -> z
-    D at R:     z -> (B, 256, 4, 4) -> (B, 128, 8, 8) -> ... -> (B, C_R, R, R) -> toRGB_R (B, 3, R, R)
-    Training images are loaded at --img-size (64) and average-pooled to the current R.
-
-Training schedule: Adam (lr 1e-3, betas 0.9, 0.999; the original's params.py: lr 1e-3, batch 128,
-z_size 100). PGAE: `pg_schedule` is a pure function of the step: 8 px for --stable-steps, then per
-new resolution --fade-steps of fade-in and --stable-steps at α = 1; after 64 px it stays there. The
-checkpoint stores the resolution and α too (for the reader; a resume recomputes them from the step).
+Shapes. dcae, 32 px (each block conv, LeakyReLU 0.2, BatchNorm: the original's order)
+    E: (B, 3, 32, 32) -> (B, 32, 16, 16) -> (B, 64, 8, 8) -> (B, 128, 4, 4) -> Linear -> z (B, 100)
+    D: z -> Linear, ReLU -> (B, 128, 4, 4) -> 3x [nearest x2, conv 3x3] -> (B, 3, 32, 32), bare conv
+pgae, 64 px (EBlock: 2x [conv 3x3, LeakyReLU, BN], max-pool; DBlock: bilinear x2, the same)
+    E at 64 px: fromRGB (B, 8, 64, 64) -> (B, 16, 32, 32) -> ... -> (B, 128, 4, 4) = z, flattened
+    E at 8 px:  fromRGB (B, 64, 8, 8) -> (B, 128, 4, 4);  D mirrors E;  fromRGB, toRGB: bare 1x1 conv
+Schedule (src/main.py, src/train.py): Adam lr 1e-3; dcae batch 256, 1 epoch; pgae batch 128,
+[1, 1, 1, 1, 2] epochs: 8 px, then 16, 32 and 64 px each faded in over one epoch (α = (b + 1)/n;
+no stable phase between), then 2 epochs at 64 px. Here an epoch is len(train) // batch steps
+(--steps 0 and --phase-steps 0 keep the original's); the phase is a pure function of the step.
 
 Deviations from the original, and why
--------------------------------------
-* The original PGAE is fully convolutional (its code is a feature map, its blocks two 3x3 convs
-  with max-pooling). Here PGAE reuses the DCAE blocks (4x4 stride-2 convs; nearest upsampling +
-  3x3 conv) and the same Linear bottleneck of 100 numbers, so both models have the same kind of
-  code and the same attribute-vector arithmetic applies to both.
-* Outputs pass through tanh (images in [-1, 1], as every method here); the original decoder ends
-  with a bare convolution.
-* VGG19: only features[:12] (up to relu3_1) is built, laid out as torchvision's VGG19 so its
-  ImageNet weights file (vgg19-dcbb9e9d.pth) loads into it; building the whole torchvision model
-  would allocate its 120 M classifier weights for nothing. Nothing is downloaded: the file comes
-  from torch.hub's cache folder or --vgg-weights PATH; when it is missing training stops and says
-  where to put it. The default --loss auto means dfc, with one exception: on the cpu-demo preset
-  (a CPU and the demo set) without the file it means mse, with a printed note, so that
-  `python feature_ae.py` runs anywhere. An explicit --loss dfc always needs the file.
-  `--vgg-weights random` (random VGG, a warning) exists only so tests can run the DFC code path.
-* The loss is the DFC feature term alone: the DFC-VAE's KL term belongs to a VAE, and these are
-  plain autoencoders (as the original).
-* The attribute vectors are computed by the `vectors` sub-command and, for the training sample
-  grids, from up to --vector-images training images per side at each sample step.
-* The training grid shows input | reconstruction | ±1.5·v for each attribute at the current
-  resolution. No multi-GPU path: the models are small (a DCAE step is milliseconds on one GPU).
-* --compile applies to dcae only (PGAE's changing resolution and α would recompile every step).
-* On a CPU with the demo data, `--preset auto` (the default) switches to the small `cpu-demo`
-  preset (batch 64, 1,500 steps, PGAE phases of 200 steps; see CPU_DEMO_PRESET).
+* Data: the official partition (the original cuts its csv by position, src/main.py); vectors from
+  training images only (it samples all, test included: src/data.py). The whole 178x218 frame is
+  squashed to a square as its Resize((32, 32)) does, but bicubic (PIL's bilinear there), once at
+  the final size; the lower pgae sizes are average-pooled from it.
+* Outputs hold [-1, 1] behind the original's bare last conv: the same model up to an affine change
+  of that conv's weights. The grid adds a reconstruction and −v columns (src/main.py: +1.5·v
+  only); default attributes: the original's five (src/main.py) and three more; no image-to-image GIFs.
+* The DFC loss stays fp32 under bf16 autocast (CUDA; the original is fp32 throughout). VGG19
+  weights are never downloaded (--vgg-weights PATH or torch.hub's cache); --loss auto is dfc, but
+  mse on the cpu-demo preset without the file. vectors.pt is keyed by a hash of the weights.
 
-Commands
---------
-    python feature_ae.py                                 # dcae on the demo set (cpu-demo on a CPU)
-    python feature_ae.py --arch pgae --out runs/pgae     # progressive, 8 -> 64 px
+Commands (more in README.md)
+    python feature_ae.py                               # dcae on the demo set (cpu-demo on a CPU)
+    python feature_ae.py --arch pgae --out runs/pgae   # progressive 8 -> 64 px
     python feature_ae.py --data ./celeba --vgg-weights ~/vgg19-dcbb9e9d.pth
-    python feature_ae.py --data ./celeba --loss mse      # no VGG weights: plain pixel MSE
-    python feature_ae.py --data ./celeba --resume        # continue runs/feature_ae/ckpt.pt exactly
-    python feature_ae.py --smoke --out /tmp/fae_smoke    # seconds, end to end
-    python feature_ae.py vectors --ckpt runs/feature_ae/ckpt.pt           # -> vectors.pt beside it
-    python feature_ae.py grid --ckpt runs/feature_ae/ckpt.pt              # -> grid.png
-    python feature_ae.py lerp --ckpt runs/feature_ae/ckpt.pt --attr Smiling --frames 16
-    python feature_ae.py morph --ckpt runs/feature_ae/ckpt.pt --index-a 3 --index-b 7
-
-Outputs in --out: ckpt.pt (model, optimizer, step, PGAE phase, config, attribute names, RNG),
-metrics.jsonl (loss, mse, psnr, dfc when used, res, alpha), losses.png, samples/step_XXXXXX.png.
-
-Evaluation contract (benchmarks/evaluate.py): load_for_eval(ckpt_path, device) returns a namespace
-with attr_names, img_size, crop; reconstruct(images) = D(E(x)); edit(images, attr_src, attr_tgt) =
-D(E(x) + 1.5·Σ(tgt − src)·v) with the vectors of vectors.pt beside the checkpoint, or computed
-from the checkpoint's training data (up to 1000 images per side); encode(images) -> {"z": (B, 100)};
-generate = None (an autoencoder has no prior to sample from). A PGAE checkpoint still below its
-final resolution works at its current one: inputs are average-pooled to it and outputs upsampled
-(nearest) back to img_size.
+    python feature_ae.py show --ckpt runs/feature_ae/ckpt.pt     # grid.png and the lerp GIFs
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
+import fcntl
+import hashlib
 import inspect
 import json
+import math
 import os
+import re
 import sys
 import time
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models.vgg import cfgs, make_layers
 
 import common
 from common import InputError
 
-# The original README's attributes (smile, blond hair, mustache, glasses) and a few more.
-FEATURE_ATTRS = ["Smiling", "Blond_Hair", "Mustache", "Eyeglasses", "Bangs", "Male", "Black_Hair",
-                 "Wearing_Hat"]
+SCRIPT = "feature_ae.py"  # save_checkpoint tags every file with it; load_checkpoint refuses others
+# The original's attributes (src/main.py: all_feat and media) and three more the demo set draws.
+FEATURE_ATTRS = ["Smiling", "Blond_Hair", "Eyeglasses", "Male", "Mustache", "Bangs", "Black_Hair", "Wearing_Hat"]
+STRENGTH = 1.5  # z ± 1.5·v in the grids and the evaluation edits (src/main.py all_feat)
+VECTOR_IMAGES = 1000  # images with / without an attribute averaged into its vector (src/data.py)
+SAMPLE_VECTOR_IMAGES = 250  # the same for the training grids: fewer, so that they are quick
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
 VGG19_URL = "https://download.pytorch.org/models/" + VGG19_FILE
-DFC_MIN_SIZE = 32  # the feature loss applies from this resolution up (below: pixel MSE)
+DFC_MIN_SIZE = 32  # src/train.py: the feature loss from PGAE step 3 (32 px) up; below, pixel MSE
 
 
-# ================================================================================================
-# Config
-# ================================================================================================
-@dataclass
+# ======== Config =================================================================================
+@dataclasses.dataclass
 class Args:
-    """Train a Features Changer autoencoder (sub-commands: train (default), vectors, grid, lerp,
-    morph; `python feature_ae.py grid --help`)."""
-    arch: str = "dcae"
-    """'dcae' (32 px convolutional AE) or 'pgae' (progressive growing 8 -> 64 px)"""
-    data: str = "demo"
-    """CelebA folder (any layout common.py reads), or 'demo' / 'demo:N' for the synthetic set"""
-    out: str = "runs/feature_ae"
-    """output folder: ckpt.pt, metrics.jsonl, losses.png, samples/"""
-    attrs: list = field(default_factory=list)
-    """attributes for the vectors in the sample grids (default: Smiling Blond_Hair Mustache ...)"""
-    img_size: int = 0
-    """image side in pixels, a power of 2 >= 8 (0: the architecture's, dcae 32, pgae 64)"""
-    crop: int = 170
-    """centre square crop in official 178x218 pixels before resizing"""
-    z_size: int = 100
-    """latent code size (original: 100)"""
-    nef: int = 32
-    """channels of the first encoder conv, doubling per halving (original: 32)"""
-    ndf: int = 32
-    """channels of the last hidden decoder layer, doubling towards the bottleneck (original: 32)"""
-    loss: str = "auto"
-    """'dfc' (VGG19 relu1_1 + relu2_1 + relu3_1 feature MSE; PGAE below 32 px: MSE), 'mse', or
-    'auto' = dfc, except on the cpu-demo preset without VGG19 weights: mse, with a note"""
-    vgg_weights: str = None
-    """torchvision's VGG19 ImageNet file (default: torch.hub cache); 'random' only for tests"""
-    fade_steps: int = 2500
-    """PGAE: steps over which a new resolution fades in (α 0 -> 1)"""
-    stable_steps: int = 2500
-    """PGAE: steps at α = 1 after each fade (and at 8 px first)"""
-    batch_size: int = 128
-    """images per step (original: 128)"""
-    steps: int = 20000
-    """training steps (PGAE reaches 64 px at step 17,500 with the default phases)"""
-    lr: float = 1e-3
-    """Adam learning rate (original: 1e-3)"""
-    strength: float = 1.5
-    """z ± strength·v in the sample grids (original: 1.5)"""
-    vector_images: int = 1000
-    """images with / without each attribute averaged into a vector (original: 1000)"""
-    seed: int = 0
-    """seed for the weights and the batches"""
-    device: str = "auto"
-    """'auto' (cuda, then mps, then cpu), 'cuda', 'cpu', ..."""
-    amp: bool = True
-    """bf16 autocast on CUDA (ignored elsewhere)"""
-    channels_last: bool = True
-    """channels-last memory format on CUDA"""
-    compile: bool = False
-    """torch.compile the model (CUDA, dcae only)"""
-    preset: str = "auto"
-    """'auto' (cpu-demo on a CPU with demo data, else paper), 'paper' or 'cpu-demo'"""
-    log_every: int = 100
-    """print a progress line and append to metrics.jsonl every this many steps"""
-    sample_every: int = 2000
-    """write a sample grid every this many steps (and at the end)"""
-    ckpt_every: int = 2000
-    """write ckpt.pt every this many steps (and at the end)"""
-    resume: bool = False
-    """continue from <out>/ckpt.pt (its configuration must match)"""
-    smoke: bool = False
-    """tiny end-to-end run: demo:16, 32 px, tiny widths, random VGG, 6 steps (seconds on a CPU)"""
+    """Train a Features Changer autoencoder (`python feature_ae.py show --help`: its pictures)."""
+    arch: str = "dcae"  # 'dcae' (the original's Net3, 32 px) or 'pgae' (progressive, 8 -> 64 px)
+    img_size: int = 0  # final image side (0: the original's, dcae 32, pgae 64)
+    z_size: int = 100  # dcae code size (original: 100); the pgae code is a (128, 4, 4) map
+    loss: str = "auto"  # 'dfc', 'mse', or 'auto': dfc, but mse on cpu-demo without the VGG19 file
+    vgg_weights: str = None  # torchvision's VGG19 ImageNet file (default: torch.hub's cache)
+    batch_size: int = 0  # images per step (0: the original's, dcae 256, pgae 128)
+    lr: float = 1e-3  # Adam learning rate (original: 1e-3)
+    steps: int = 0  # training steps (0: the original's epochs: dcae 1, pgae 6 phases)
+    phase_steps: int = 0  # pgae: steps per resolution phase (0: one epoch, the original's)
+    data: str = "demo"  # a CelebA folder (any layout common.py reads), 'demo' or 'demo:N'
+    attrs: list = dataclasses.field(default_factory=list)  # attributes of the sample grids
+    out: str = "runs/feature_ae"  # run folder: ckpt.pt, metrics.jsonl, losses.png, samples/
+    seed: int = 0  # seed of the weights and the batches
+    device: str = "auto"  # 'auto' (cuda, mps, cpu), 'cuda', 'cpu', ...
+    amp: bool = True  # bf16 autocast of the autoencoder on CUDA (the DFC loss stays fp32)
+    compile: bool = False  # torch.compile the dcae on CUDA (pgae changes resolution: never)
+    preset: str = "auto"  # 'auto' (cpu-demo on a CPU with the demo set, else paper), 'paper', 'cpu-demo'
+    log_every: int = 100  # print a line and append to metrics.jsonl every this many steps
+    sample_every: int = 2000  # write samples/step_XXXXXX.png every this many steps, and at the end
+    ckpt_every: int = 2000  # write ckpt.pt every this many steps, and at the end
+    resume: bool = False  # continue the run in --out exactly where its checkpoint stopped
+    smoke: bool = False  # a tiny end-to-end run on demo:16 with a random VGG (seconds); tests use it
 
 
-# Fields a resumed run must share with its checkpoint (--steps may grow).
-RESUME_MUST_MATCH = ("arch", "data", "attrs", "img_size", "crop", "z_size", "nef", "ndf", "loss",
-                     "vgg_weights", "fade_steps", "stable_steps", "batch_size", "lr", "seed")
-
-# --smoke: applied to the fields still at their defaults. PGAE: 8 px for 1 step, 16 px fading in
-# over steps 1-2, stable at step 3, 32 px fading in from step 4: the phase changes within 4 steps.
-SMOKE = dict(data="demo:16", img_size=32, z_size=16, nef=8, ndf=8, vgg_weights="random",
-             fade_steps=2, stable_steps=1, batch_size=8, steps=6, vector_images=32, log_every=2,
-             sample_every=3, ckpt_every=3)
-
-# `--preset cpu-demo` (chosen by `--preset auto` on a CPU with demo data): batch 64, 1,500 steps,
-# PGAE phases of 200 steps (8 px 200, then 16, 32, 64 px 400 each), so `python feature_ae.py`
-# gives readable reconstructions in minutes on two CPU cores.
-CPU_DEMO_PRESET = dict(batch_size=64, steps=1500, fade_steps=200, stable_steps=200, log_every=50,
-                       sample_every=500, ckpt_every=500, vector_images=500)
+POSITIVE = ("z_size", "lr", "log_every", "sample_every", "ckpt_every")  # > 0 (0 elsewhere: the original's)
+RESUME_MUST_MATCH = ("arch", "img_size", "z_size", "loss", "vgg_weights", "batch_size", "lr", "phase_steps",
+                     "data", "attrs", "seed")  # --steps may grow
+ORIGINAL = {"dcae": dict(img_size=32, batch_size=256), "pgae": dict(img_size=64, batch_size=128)}
+PRESETS = {  # applied to the fields not typed; smoke's pgae: 8 px (steps 0-1), 16 px fading in (2-3), 32 px (4-5)
+    "cpu-demo": dict(batch_size=64, steps={"dcae": 1500, "pgae": 900}, phase_steps=150, log_every=50,
+                     sample_every=500, ckpt_every=500),
+    "smoke": dict(data="demo:16", img_size=32, z_size=16, batch_size=8, vgg_weights="random", steps=6,
+                  phase_steps=2, log_every=2, sample_every=3, ckpt_every=3),
+}
 
 
-@dataclass
-class VectorsArgs:
-    """Compute the attribute vectors v_a = mean E(x with a) − mean E(x without a) on the training
-    split and save them (python feature_ae.py vectors --ckpt runs/feature_ae/ckpt.pt)."""
-    ckpt: str = "runs/feature_ae/ckpt.pt"
-    """checkpoint written by training"""
-    data: str = None
-    """dataset (default: the checkpoint's)"""
-    attrs: list = field(default_factory=list)
-    """attributes (default: the checkpoint's)"""
-    max_per_side: int = 1000
-    """at most this many images with, and as many without, each attribute (original: 1000)"""
-    out: str = None
-    """output file (default: vectors.pt beside the checkpoint)"""
-    device: str = "auto"
-    """device to encode on"""
+# ======== Model ==================================================================================
+class DCAE(nn.Module):
+    """The original's Net3 (src/net.py): three 4x4 stride-2 convs to (4·nef, S/8, S/8), a Linear
+    code of z_size numbers, three nearest-upsampling 3x3 convs back, the last one bare."""
+
+    def __init__(self, img_size=32, z_size=100, nef=32):
+        super().__init__()
+        self.sizes = [img_size]  # one resolution (encode/decode take pgae's size and alpha too)
+        self.code_shape = (4 * nef, img_size // 8, img_size // 8)
+        down = lambda c_in, c_out: [  # noqa: E731  halves H, W
+            nn.Conv2d(c_in, c_out, 4, 2, padding=1), nn.LeakyReLU(0.2), nn.BatchNorm2d(c_out)]
+        up = lambda c_in, c_out: [  # noqa: E731  doubles H, W; BatchNorm eps 1e-3 as the original
+            nn.Upsample(scale_factor=2), nn.Conv2d(c_in, c_out, 3, padding=1), nn.LeakyReLU(0.2),
+            nn.BatchNorm2d(c_out, eps=1e-3)]
+        self.encoder = nn.Sequential(*down(3, nef), *down(nef, 2 * nef), *down(2 * nef, 4 * nef))
+        self.to_z = nn.Linear(math.prod(self.code_shape), z_size)  # (B, 2048) -> (B, 100)
+        self.from_z = nn.Sequential(nn.Linear(z_size, math.prod(self.code_shape)), nn.ReLU())
+        self.decoder = nn.Sequential(*up(4 * nef, 2 * nef), *up(2 * nef, nef),
+                                     nn.Upsample(scale_factor=2, mode="nearest"),
+                                     nn.Conv2d(nef, 3, 3, padding=1))  # no tanh: the original's
+
+    def encode(self, images, alpha=1.0):
+        """(B, 3, S, S) -> (B, 128, 4, 4) -> flattened (B, 2048) -> z (B, z_size)."""
+        return self.to_z(self.encoder(images).flatten(1))
+
+    def decode(self, z, size=None, alpha=1.0):
+        """z (B, z_size) -> (B, 3, S, S), about [-1, 1]."""
+        return self.decoder(self.from_z(z).view(-1, *self.code_shape))
+
+    def forward(self, images, alpha=1.0):
+        return self.decode(self.encode(images))
 
 
-@dataclass
-class GridArgs:
-    """The original's feature grid: rows are test images, columns input | reconstruction | +v and
-    −v for each attribute (z ± strength·v) (python feature_ae.py grid --ckpt ...)."""
-    ckpt: str = "runs/feature_ae/ckpt.pt"
-    """checkpoint written by training"""
-    vectors: str = None
-    """vectors.pt (default: beside the checkpoint; computed from the training split if missing)"""
-    data: str = None
-    """dataset (default: the checkpoint's)"""
-    split: str = "test"
-    """split the rows come from"""
-    count: int = 8
-    """number of rows (images)"""
-    attrs: list = field(default_factory=list)
-    """attributes (columns; default: the checkpoint's)"""
-    strength: float = 1.5
-    """z ± strength·v (original: 1.5)"""
-    out: str = None
-    """output PNG (default: grid.png beside the checkpoint)"""
-    device: str = "auto"
-    """device to run the model on"""
+def conv_pair(c_in, c_out):
+    """The original's EConv / DConv: 2x [conv 3x3, LeakyReLU 0.2, BatchNorm], sizes unchanged."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.LeakyReLU(0.2), nn.BatchNorm2d(c_out),
+                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.LeakyReLU(0.2), nn.BatchNorm2d(c_out))
 
 
-@dataclass
-class LerpArgs:
-    """GIFs interpolating from z to z + strength·v (add) and to z − strength·v (remove) for one
-    attribute (python feature_ae.py lerp --ckpt ... --attr Smiling --frames 16)."""
-    ckpt: str = "runs/feature_ae/ckpt.pt"
-    """checkpoint written by training"""
-    vectors: str = None
-    """vectors.pt (default: beside the checkpoint; computed from the training split if missing)"""
-    data: str = None
-    """dataset for --index (default: the checkpoint's)"""
-    split: str = "test"
-    """split for --index"""
-    index: int = 0
-    """image of that split (without --image)"""
-    image: str = None
-    """your own photo (jpg/png) instead of --index"""
-    attr: str = None
-    """attribute (default: the checkpoint's first)"""
-    strength: float = 2.0
-    """end point z ± strength·v (original: 2)"""
-    frames: int = 16
-    """frames per GIF"""
-    fps: int = 8
-    """GIF frames per second"""
-    scale: int = 4
-    """GIF upscaling factor (nearest)"""
-    out: str = None
-    """output folder (default: the checkpoint's): lerp_<attr>_add.gif, lerp_<attr>_remove.gif"""
-    device: str = "auto"
-    """device to run the model on"""
+class PGAE(nn.Module):
+    """The original's PGAE (src/net.py). Encoder k reads side img_size / 2^k: [from_rgb[k], a bare
+    1x1 conv], conv pair chan·2^k -> chan·2^(k+1), max-pool. Decoder j writes side 8·2^j: bilinear
+    x2, conv pair, [to_rgb[j]]. At resolution R the image enters by the encoder of side R and leaves
+    by the decoder of side R; the code is always the (chan·2^n, 4, 4) map, flattened."""
+
+    def __init__(self, img_size=64, chan=8):
+        super().__init__()
+        n = img_size.bit_length() - 3  # blocks from img_size down to 4x4 (64 px: 4, the original)
+        self.sizes = [img_size >> k for k in range(n - 1, -1, -1)]  # [8, 16, 32, 64]
+        self.code_shape = (chan * 2 ** n, 4, 4)  # (128, 4, 4)
+        width = [chan * 2 ** k for k in range(n + 1)]  # [8, 16, 32, 64, 128]
+        self.from_rgb = nn.ModuleList(nn.Conv2d(3, width[k], 1) for k in range(n))
+        self.enc = nn.ModuleList(conv_pair(width[k], width[k + 1]) for k in range(n))
+        self.dec = nn.ModuleList(conv_pair(width[n - j], width[n - j - 1]) for j in range(n))
+        self.to_rgb = nn.ModuleList(nn.Conv2d(width[n - j - 1], 3, 1) for j in range(n))
+
+    def encode(self, images, alpha=1.0):
+        """(B, 3, R, R), R in self.sizes -> z (B, 2048). alpha < 1: R is fading in."""
+        k = len(self.sizes) - 1 - self.sizes.index(images.shape[-1])  # the encoder of side R
+        hidden = F.max_pool2d(self.enc[k](self.from_rgb[k](images)), 2)  # (B, 2·width[k], R/2, R/2)
+        if alpha < 1:  # blend in the previous entry: its fromRGB on the pooled image, same shape
+            hidden = alpha * hidden + (1 - alpha) * self.from_rgb[k + 1](F.avg_pool2d(images, 2))
+        for block in self.enc[k + 1:]:
+            hidden = F.max_pool2d(block(hidden), 2)
+        return hidden.flatten(1)  # (B, 128, 4, 4) -> (B, 2048)
+
+    def decode(self, z, size=None, alpha=1.0):
+        """z (B, 2048) -> (B, 3, size, size) (size: default the largest)."""
+        j = self.sizes.index(size or self.sizes[-1])  # the decoder of side R
+        hidden = z.view(-1, *self.code_shape)  # (B, 128, 4, 4)
+        for block in self.dec[:j]:
+            hidden = block(F.interpolate(hidden, scale_factor=2, mode="bilinear"))  # (B, C, R/2, R/2)
+        image = self.to_rgb[j](self.dec[j](F.interpolate(hidden, scale_factor=2, mode="bilinear")))
+        if alpha < 1:  # blend in the previous picture: its toRGB, upsampled (nearest)
+            old = F.interpolate(self.to_rgb[j - 1](hidden), scale_factor=2, mode="nearest")
+            image = alpha * image + (1 - alpha) * old  # (B, 3, R, R)
+        return image
+
+    def forward(self, images, alpha=1.0):
+        return self.decode(self.encode(images, alpha), images.shape[-1], alpha)
 
 
-@dataclass
-class MorphArgs:
-    """A GIF interpolating between the codes of two images: D((1 − t)·E(x_a) + t·E(x_b))
-    (python feature_ae.py morph --ckpt ... --index-a 3 --index-b 7)."""
-    ckpt: str = "runs/feature_ae/ckpt.pt"
-    """checkpoint written by training"""
-    data: str = None
-    """dataset for the indices (default: the checkpoint's)"""
-    split: str = "test"
-    """split for the indices"""
-    index_a: int = 0
-    """first image of that split (without --image-a)"""
-    index_b: int = 1
-    """last image of that split (without --image-b)"""
-    image_a: str = None
-    """your own photo for the first frame"""
-    image_b: str = None
-    """your own photo for the last frame"""
-    frames: int = 16
-    """frames of the GIF"""
-    fps: int = 8
-    """GIF frames per second"""
-    scale: int = 4
-    """GIF upscaling factor (nearest)"""
-    out: str = None
-    """output GIF (default: morph_<a>_<b>.gif beside the checkpoint)"""
-    device: str = "auto"
-    """device to run the model on"""
+def build_model(config):  # config: Args as a dict, or a checkpoint's
+    return PGAE(config["img_size"]) if config["arch"] == "pgae" else DCAE(config["img_size"], config["z_size"])
 
 
-# ================================================================================================
-# Shared boilerplate (verbatim copies from attgan.py; tests/test_copies.py checks them)
-# ================================================================================================
+def pg_schedule(step, n_sizes, phase_steps):
+    """(resolution index, α) at step `step` (0-based), a pure function of the step as a resume needs.
+    Phase p = step // phase_steps: 0 trains the first resolution; p < n_sizes fades resolution p in,
+    α = (t + 1) / phase_steps at its step t (the original's (b + 1) / n_batch); then the last, α = 1."""
+    phase, into = divmod(step, phase_steps)
+    if phase == 0 or phase >= n_sizes:
+        return min(phase, n_sizes - 1), 1.0
+    return phase, (into + 1) / phase_steps
+
+
+# ======== Losses =================================================================================
+def load_vgg(weights, device):
+    """VGG19's features[:12] (conv1_1 ... relu3_1; torchvision's layout, so the ImageNet file's
+    'features.N.*' load), frozen, with the weights of the file `weights` (None: torch.hub's cache)
+    or random ones (seed 0, a warning) for 'random'. Never downloads."""
+    with torch.random.fork_rng(devices=[]):  # leaves the training RNG untouched
+        torch.manual_seed(0)
+        vgg = make_layers(cfgs["E"])[:12].requires_grad_(False).eval()  # no BN, no dropout in it
+    default = Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
+    path = Path(weights or default).expanduser()
+    if weights == "random":
+        print("warning: --vgg-weights random: the DFC loss uses a RANDOM VGG19 (for tests only)")
+    elif not path.is_file():
+        raise InputError(f"the DFC loss needs VGG19 ImageNet weights and {path} is missing: download "
+                         f"{VGG19_URL} by hand into {default.parent} or pass --vgg-weights PATH "
+                         f"(or train with --loss mse)")
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            vgg.load_state_dict({key: state[f"features.{key}"] for key in vgg.state_dict()})
+        except Exception as err:
+            raise InputError(f"{path} is not torchvision's VGG19 file ({VGG19_FILE}): {err!r}") from err
+    return vgg.to(device)
+
+
+def to_unit(images):
+    """[-1, 1] -> [0, 1]: what the original's losses and VGG see (its ToTensor images)."""
+    return (images.float() + 1) / 2
+
+
+def loss_mse(img_recon, img_real):
+    """L_mse = mean((u(x̂) − u(x))²) over pixels and channels (src/train.py F.mse_loss)."""
+    return F.mse_loss(to_unit(img_recon), to_unit(img_real))
+
+
+def loss_dfc(vgg, img_recon, img_real):
+    """L_dfc = Σ_{l ∈ relu1_1, relu2_1, relu3_1} mean((Φ_l(u(x̂)) − Φ_l(u(x)))²) (src/vgg_loss.py
+    FLPLoss, 'mean' as src/train.py), Φ fed u(x) NOT ImageNet-normalised (as the original). fp32:
+    autocast is off in here. x̂'s gradient flows through the frozen VGG; the target's is not needed."""
+
+    def features(images):  # [relu1_1 (B, 64, H, W), relu2_1 (B, 128, H/2, W/2), relu3_1 (B, 256, H/4, W/4)]
+        taps = []
+        for index, layer in enumerate(vgg):
+            images = layer(images)
+            taps += [images] if index in (1, 6, 11) else []
+        return taps
+
+    with torch.autocast(img_real.device.type, enabled=False):
+        with torch.no_grad():
+            target = features(to_unit(img_real))
+        return sum(F.mse_loss(a, b) for a, b in zip(features(to_unit(img_recon)), target))
+
+
+# ======== Training step ==========================================================================
+def train_step(model, optimizer, img_real, alpha, vgg, amp_ctx):
+    """One Adam update on a batch at its own resolution: L_dfc with a VGG, else L_mse -> dict of
+    detached scalar tensors (no host sync)."""
+    with amp_ctx():
+        img_recon = model(img_real, alpha)
+    mse = loss_mse(img_recon, img_real)  # fp32, outside autocast
+    loss = loss_dfc(vgg, img_recon, img_real) if vgg is not None else mse
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    stats = {"loss": loss.detach(), "mse": mse.detach(), "psnr": -10 * mse.detach().log10()}  # dB
+    return {**stats, "dfc": loss.detach()} if vgg is not None else stats
+
+
+# ======== Attribute vectors and the pictures =====================================================
+@torch.no_grad()
+def attribute_vectors(encode, images, labels, max_per_side=1000, seed=0, device=None):
+    """v_a = mean E(x with a) − mean E(x without a), over at most max_per_side images per side in
+    a fixed random order from `seed` (src/stats.py). images (N, 3, H, W) uint8 or float, labels
+    (N, A) 0/1 -> (vectors (A, Z) on the CPU, counts (A, 2) with, without); one side empty: 0."""
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    labels = labels.cpu()[order] > 0.5
+    picks = [(order[on][:max_per_side], order[~on][:max_per_side]) for on in labels.T]  # (with, without)
+    needed = torch.unique(torch.cat([torch.cat(p) for p in picks]))  # each image encoded once
+    chunks = (c.to(device) if device is not None else c for c in images[needed.to(images.device)].split(256))
+    codes = torch.cat([encode(common.to_float(c) if c.dtype == torch.uint8 else c).float().cpu() for c in chunks])
+    every = torch.zeros(len(images), codes.shape[1]).index_copy_(0, needed, codes)  # (N, Z), 0 if unused
+    vectors = [every[on].mean(0) - every[off].mean(0) if len(on) * len(off) else every[0] * 0 for on, off in picks]
+    return torch.stack(vectors), torch.tensor([[len(on), len(off)] for on, off in picks])
+
+
+def edit_codes(z, vectors, attr_src, attr_tgt, strength=STRENGTH):
+    """z + strength·Σ_a (tgt_a − src_a)·v_a: z (B, Z), vectors (A, Z), attributes (B, A) 0/1."""
+    return z + strength * (attr_tgt.float() - attr_src.float()) @ vectors.to(z)
+
+
+@torch.no_grad()
+def feature_grid(model, images, vectors, strength, size, alpha):
+    """(R, 2 + 2A, 3, size, size): input | reconstruction | D(z + s·v_a), D(z − s·v_a) for each
+    attribute; images (R, 3, H, H) in [-1, 1], pooled to the model's current resolution."""
+    images = F.adaptive_avg_pool2d(images, size)
+    z = model.encode(images, alpha)
+    columns = [images, model.decode(z, size, alpha)]
+    for vector in vectors.to(z):
+        columns += [model.decode(z + sign * strength * vector, size, alpha) for sign in (1, -1)]
+    return torch.stack([c.float().clamp(-1, 1) for c in columns], 1)
+
+
+def grid_labels(attr_names):
+    return ["input", "recon"] + [f"{sign}{name}" for name in attr_names for sign in "+-"]
+
+
+# ======== Checkpoints, a trained model, the vectors of exactly its weights =======================
+def load(ckpt_path, device="cpu"):
+    """A trained autoencoder: namespace(model (eval mode), config, attr_names, step, size, alpha
+    (the resolution and α it reached), weights_hash, ckpt)."""
+    state = load_checkpoint(ckpt_path)  # refuses a file that another script wrote, in one line
+    model = build_model(state["config"])
+    model.load_state_dict(state["model"])
+    # A hash of every weight and buffer: vectors.pt is reused only for the weights it came from (a
+    # step count cannot tell them apart: a new run into the same folder reaches the same steps).
+    weights_hash = hashlib.sha256(b"".join(k.encode() + t.cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+                                           for k, t in sorted(state["model"].items()))).hexdigest()[:20]
+    return types.SimpleNamespace(model=model.to(device).eval(), config=state["config"],
+                                 attr_names=list(state["attr_names"]), step=state["step"],
+                                 size=state["phase"]["size"], alpha=state["phase"]["alpha"],
+                                 weights_hash=weights_hash, ckpt=Path(ckpt_path))
+
+
+def vectors_for(trained, attr_names, device="cpu"):
+    """(A, Z) vectors: from vectors.pt beside the checkpoint when it was made from exactly these
+    weights and holds them all; else computed on the training split and saved there."""
+    path, config = trained.ckpt.parent / "vectors.pt", trained.config
+    saved = load_checkpoint(path) if path.is_file() else {}
+    if saved.get("weights_hash") == trained.weights_hash and set(attr_names) <= set(saved["vectors"]):
+        return torch.stack([saved["vectors"][n] for n in attr_names])
+    names = list(dict.fromkeys([*trained.attr_names, *attr_names]))  # the checkpoint's and those asked
+    faces = common.load_celeba(config["data"], names, "train", config["img_size"], None, verbose=False)
+    vectors, counts = attribute_vectors(
+        lambda x: trained.model.encode(F.adaptive_avg_pool2d(x, trained.size), trained.alpha),
+        faces.images, faces.labels, VECTOR_IMAGES, config["seed"], device)
+    save_checkpoint(path, {"weights_hash": trained.weights_hash, "step": trained.step,
+                           "vectors": dict(zip(names, vectors)), "counts": dict(zip(names, counts.tolist()))})
+    print(f"wrote {path} (images with / without: {dict(zip(names, counts.tolist()))})")
+    return vectors[[names.index(n) for n in attr_names]]
+
+
+# ======== Sub-command: show (the original's pictures) ============================================
+@dataclasses.dataclass
+class ShowArgs:
+    """The feature grid (rows: test images or your photo; columns: input | reconstruction |
+    D(z ± 1.5·v) per attribute) and GIFs z -> z ± 2·v of the first row (src/main.py all_feat, media)."""
+    ckpt: str = "runs/feature_ae/ckpt.pt"  # checkpoint written by training
+    attrs: list = dataclasses.field(default_factory=list)  # attributes (default: the checkpoint's)
+    count: int = 8  # grid rows: the first images of the test split
+    image: str = None  # your own photo (jpg/png) instead: one row, and its GIFs
+    frames: int = 20  # frames per GIF, 0 (none) or at least 2 (original: 20)
+    out: str = None  # output folder (default: the checkpoint's): grid.png, lerp_<attr>_{add,remove}.gif
+    device: str = "auto"  # device to run the model on
+
+
+@torch.no_grad()
+def show_command(args):
+    """grid.png and two 256-px GIFs per attribute at 10 frames/s (the original's media)."""
+    if args.frames == 1:
+        raise InputError("--frames 1: expected 0 (no GIFs) or at least 2")
+    trained = load(args.ckpt, device := pick_device(args.device))
+    config, size, alpha, folder = trained.config, trained.size, trained.alpha, Path(args.out or trained.ckpt.parent)
+    attr_names = common.resolve_attrs(args.attrs) if args.attrs else trained.attr_names
+    images = common.load_photo(args.image, config["img_size"], None) if args.image else common.to_float(
+        common.load_celeba(config["data"], [], "test", config["img_size"], None, verbose=False).images[:args.count])
+    vectors = vectors_for(trained, attr_names, device).to(device)
+    grid = feature_grid(trained.model, images.to(device), vectors, STRENGTH, size, alpha)
+    paths = [folder / "grid.png"]
+    common.save_grid(grid.cpu(), paths[0], col_labels=grid_labels(attr_names), title=f"z ± {STRENGTH}·v, {size} px")
+    z = trained.model.encode(grid[:1, 0].to(device), alpha)  # the first row's input, at `size`
+    for name, vector in zip(attr_names, vectors) if args.frames else ():
+        for word, sign in (("add", 1), ("remove", -1)):  # the original's z_end = z ± 2·v
+            t = torch.linspace(0, 1, args.frames, device=device)[:, None]  # D((1 − t)·z + t·(z ± 2·v))
+            frames = trained.model.decode(z + t * sign * 2 * vector, size, alpha).clamp(-1, 1)
+            paths.append(folder / f"lerp_{name}_{word}.gif")
+            common.save_gif(F.interpolate(frames, size=(256, 256), mode="bilinear").cpu(), paths[-1], fps=10)
+    print("wrote " + ", ".join(map(str, paths)))
+    return paths
+
+
+# ======== main: training =========================================================================
+def configure(args, device):
+    """Preset (smoke, or cpu-demo on a CPU with the demo set), the original's sizes, --loss auto,
+    canonical --data and --attrs, checks -> args."""
+    if (args.preset not in ("auto", "paper", "cpu-demo") or args.arch not in ORIGINAL
+            or args.loss not in ("auto", "dfc", "mse")):
+        raise InputError(f"--preset {args.preset!r} / --arch {args.arch!r} / --loss {args.loss!r}: expected "
+                         f"auto, paper or cpu-demo / dcae or pgae / auto, dfc or mse")
+    auto = "cpu-demo" if device.type == "cpu" and is_demo(args.data) else "paper"
+    args.preset = "smoke" if args.smoke else auto if args.preset == "auto" else args.preset
+    if args.preset in PRESETS:  # --preset paper keeps the original's configuration anywhere
+        apply_preset(args, {k: v[args.arch] if isinstance(v, dict) else v for k, v in PRESETS[args.preset].items()},
+                     args.preset)
+    for name, value in ORIGINAL[args.arch].items():
+        setattr(args, name, getattr(args, name) or value)
+    if args.img_size < 8 or (args.img_size % 8 if args.arch == "dcae" else args.img_size & (args.img_size - 1)):
+        expected = "a multiple of 8" if args.arch == "dcae" else "a power of 2 from 8"
+        raise InputError(f"--img-size {args.img_size}: {args.arch} expects {expected}")
+    if args.loss == "auto":
+        default = Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
+        found = args.vgg_weights == "random" or Path(args.vgg_weights or default).expanduser().is_file()
+        args.loss = "mse" if args.preset == "cpu-demo" and not found else "dfc"
+        if args.loss == "mse":
+            print(f"note: cpu-demo preset without VGG19 weights ({default} is missing): --loss mse, not dfc "
+                  f"(download {VGG19_URL} by hand for dfc)", file=sys.stderr)
+    args.data = args.data if is_demo(args.data) else str(Path(args.data).resolve())
+    args.attrs = common.resolve_attrs(args.attrs or [a for a in FEATURE_ATTRS
+                                                     if not is_demo(args.data) or a in common.DEMO_ATTRS])
+    return args
+
+
+def start(args, device):
+    """Everything before the loop, the checks first: run folder, checkpoint, VGG, data, model, optimizer."""
+    args, out = configure(args, device), Path(args.out)
+    lock = claim_run_folder(out, args.resume)  # held (open) until the process ends
+    config = dataclasses.asdict(args)
+    state = load_checkpoint(out / "ckpt.pt", config, RESUME_MUST_MATCH) if args.resume else None
+    torch.manual_seed(args.seed)
+    model = build_model(config).to(device)
+    vgg = load_vgg(args.vgg_weights, device) if args.loss == "dfc" and model.sizes[-1] >= DFC_MIN_SIZE else None
+    data = common.load_celeba(args.data, args.attrs, "train", args.img_size, None)  # the whole frame, squashed
+    if len(data.images) < args.batch_size:
+        raise InputError(f"{len(data.images)} training images, fewer than --batch-size {args.batch_size}")
+    epoch = len(data.images) // args.batch_size  # src/main.py: dcae 1 epoch; pgae 1 per phase, 2 at the end
+    phase_steps = args.phase_steps or epoch
+    steps = args.steps or (epoch if args.arch == "dcae" else phase_steps * (len(model.sizes) + 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)  # betas (0.9, 0.999): src/train.py
+    for module, key in ((model, "model"), (optimizer, "optimizer")):
+        module.load_state_dict(state[key]) if state else None  # --resume: continue exactly
+    if (first := state["step"] if state else 0) >= steps:
+        raise InputError(f"--resume: the checkpoint is at step {first}, this run ends at {steps}; "
+                         f"expected a larger --steps")
+    val = common.load_celeba(args.data, args.attrs, "val", args.img_size, None, verbose=False)
+    return (args, lock, out, first, model, optimizer, vgg, common.to_device(data, device),
+            common.to_float(val.images[:8]).to(device), {"steps": steps, "phase_steps": phase_steps})
+
+
+def train(args):
+    device = pick_device(args.device)
+    args, lock, out, first, model, optimizer, vgg, data, samples, schedule = start(args, device)
+    steps, metrics = schedule["steps"], out / "metrics.jsonl"
+    trim_jsonl(metrics, first)
+    if on_cuda := device.type == "cuda":  # channels-last memory and bf16 autocast (--amp)
+        model.to(memory_format=torch.channels_last)
+    model_train = torch.compile(model) if args.compile and args.arch == "dcae" else model
+    print(f"Features Changer {args.arch} {' -> '.join(map(str, model.sizes))} px, loss {args.loss}, "
+          f"{len(data.images)} training images, steps {first}..{steps} (phases of {schedule['phase_steps']}), "
+          f"{device}, {args.preset}")
+    totals, clock, since = {}, time.time(), first
+    for step in range(first, steps):
+        # ALGO LOGIC: the phase, a batch at its resolution, one update (L_dfc from 32 px up)
+        index, alpha = pg_schedule(step, len(model.sizes), schedule["phase_steps"])
+        size = model.sizes[index]
+        batch = common.get_batch(data, step, args.batch_size, args.seed, device, channels_last=on_cuda)
+        stats = train_step(model_train, optimizer, F.adaptive_avg_pool2d(batch[0], size), alpha,
+                           vgg if args.loss == "dfc" and size >= DFC_MIN_SIZE else None,
+                           lambda: autocast(device, args.amp))
+        # TRY NOT TO MODIFY: logging, samples, checkpoints
+        totals = {k: totals.get(k, 0) + v for k, v in stats.items()}  # tensors: no sync until a log
+        done, saving = step + 1, time.time()
+        if done % args.log_every == 0 or done == steps:
+            steps_per_s = (done - since) / (saving - clock)
+            record = {"step": done, **{k: v.item() / (done - since) for k, v in totals.items()}, "res": size,
+                      "alpha": alpha, "img_per_s": steps_per_s * args.batch_size}
+            check_finite(done, record, model)  # FloatingPointError: stop, keep the last checkpoint
+            with open(metrics, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"step {done}/{steps}  {size} px α {alpha:.2f}  loss {record['loss']:.4f}  psnr {record['psnr']:.2f} "
+                  f"dB  {record['img_per_s']:.0f} img/s  ETA {(steps - done) / steps_per_s / 60:.1f} min", flush=True)
+            totals, clock, since = {}, time.time(), done
+        if done % args.sample_every == 0 or done == steps:  # validation images, training-set vectors
+            model.eval()
+            vectors = attribute_vectors(lambda x: model.encode(F.adaptive_avg_pool2d(x, size), alpha),
+                                        data.images, data.labels, SAMPLE_VECTOR_IMAGES, args.seed)[0]
+            common.save_grid(feature_grid(model, samples, vectors, STRENGTH, size, alpha),
+                             out / "samples" / f"step_{done:06d}.png", col_labels=grid_labels(data.attr_names),
+                             title=f"{args.arch} step {done}, {size} px, α {alpha:.2f}")
+            model.train()
+        if done % args.ckpt_every == 0 or done == steps:
+            check_finite(done, {}, model)  # a diverged run never overwrites the last good checkpoint
+            save_checkpoint(out / "ckpt.pt", {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                "phase": {"size": size, "alpha": alpha}, "schedule": schedule, "config": dataclasses.asdict(args),
+                "attr_names": data.attr_names})
+        clock += time.time() - saving  # img/s counts training, not the time spent writing files
+    common.plot_metrics(metrics, out / "losses.png")
+    print(f"done: {out / 'ckpt.pt'}, samples in {out / 'samples'}, losses.png")
+    return out
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("train", "show") else "train"
+    if command == "show":
+        return show_command(parse_dataclass(ShowArgs, argv, f"{SCRIPT} show", positive=("count",)))
+    return train(parse_dataclass(Args, argv, f"{SCRIPT} [train]", positive=POSITIVE))
+
+
+# ======== Plumbing: verbatim copies from attgan.py (tests/test_copies.py checks them) ============
 # Copied from attgan.py
-def parse_dataclass(cls, argv=None, prog=None):
-    """Build the command line from a dataclass and return an instance of it.
-
-    Every field becomes `--field-name`, with the field's default and the docstring written under
-    the field (read from the class source) as its --help text. Booleans get `--flag/--no-flag`,
-    list fields take several values, and a field whose default is None reads a string.
-    """
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        option = dict(default=default, help=docs.get(f.name, " "))
+def parse_dataclass(cls, argv=None, prog=None, positive=()):
+    """A dataclass's command line (--field-name, help = the field's trailing comment) -> an instance
+    vetted before any work: numbers finite, at least 0, those in `positive` above 0; no list value
+    repeated. `.given` keeps the fields the user typed, which no preset overrides."""
+    docs = dict(re.findall(r"^    (\w+): [^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    for name, default in defaults.items():
+        option = dict(default=argparse.SUPPRESS, help=f"{docs.get(name, '')} (default: {default})"
+                      .replace("%", "%%"))  # SUPPRESS: an option not typed stays out of `given`
         if isinstance(default, bool):
             option["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
-            option.update(nargs="*", type=type(default[0]) if default else str)
+            option.update(nargs="*", action="extend")
         else:
             option["type"] = str if default is None else type(default)
-        parser.add_argument("--" + f.name.replace("_", "-"), **option)
-    return cls(**vars(parser.parse_args(argv)))
+        parser.add_argument("--" + name.replace("_", "-"), **option)
+    given = vars(parser.parse_args(argv))
+    args = cls(**{**defaults, **given})
+    for name, value in dataclasses.asdict(args).items():
+        flag = "--" + name.replace("_", "-")
+        if type(value) in (int, float) and not (math.isfinite(value) and (value > 0 or value == 0
+                                                                          and name not in positive)):
+            raise InputError(f"{flag} {value}: expected a finite number "
+                             f"{'above' if name in positive else 'of at least'} 0")
+        if isinstance(value, list) and len({str(v).lower() for v in value}) < len(value):
+            raise InputError(f"{flag} {' '.join(map(str, value))}: a value is repeated")
+    args.given = set(given)
+    return args
+
+
+# Copied from attgan.py
+def apply_preset(args, preset, name):
+    """Set the preset's values on the fields the user did not type, and say which changed."""
+    changed = {k: v for k, v in preset.items() if k not in args.given and getattr(args, k) != v}
+    for key, value in changed.items():
+        setattr(args, key, value)
+    if changed:
+        print(f"note: {name} preset: " + ", ".join(f"--{k.replace('_', '-')} {v}"
+                                                  for k, v in changed.items()), file=sys.stderr)
 
 
 # Copied from attgan.py
 def pick_device(name):
-    """'auto' takes CUDA, then Apple's MPS, then the CPU; CUDA gets TF32 matmuls and cuDNN autotune."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(name)
+    """'auto' takes CUDA, then Apple's MPS, then the CPU; CUDA gets TF32 and cuDNN autotune."""
+    available = ["cpu"] + ["cuda"] * torch.cuda.is_available() + ["mps"] * torch.backends.mps.is_available()
+    try:
+        device = torch.device(("cuda" if "cuda" in available else available[-1]) if name == "auto" else name)
+    except RuntimeError:
+        device = torch.device("meta")  # not a device name at all
+    if device.type not in available or (device.index or 0) >= max(torch.cuda.device_count(), 1):
+        raise InputError(f"--device {name}: not on this machine; expected auto or {', '.join(available)}")
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for fp32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
     return device
 
@@ -380,798 +588,91 @@ def autocast(device, enabled):
 
 
 # Copied from attgan.py
-def rng_state():
-    """Every random-number generator the training loop draws from, for an exact resume."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-# Copied from attgan.py
-def set_rng_state(state):
-    """Restore what rng_state() captured."""
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def claim_run_folder(out, resume):
+    """Make `out` this process's run folder before any data loads -> its lock (keep it open). Refused:
+    a file, an unwritable folder, another live run's folder, a run's folder unless --resume."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a")
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the OS drops it when the process ends
+    except BlockingIOError:
+        raise InputError(f"--out {out}: another run is writing there; expected a free folder") from None
+    except OSError as err:
+        raise InputError(f"--out {out}: expected a folder this user can write ({err.strerror})") from None
+    held = [n for n in ("ckpt.pt", "metrics.jsonl", "samples") if (out / n).exists()]
+    if resume and "ckpt.pt" not in held or held and not resume:
+        lock.close()
+        raise InputError(f"--resume: expected a checkpoint {out / 'ckpt.pt'} to continue" if resume
+                         else f"--out {out} holds a run ({', '.join(held)}): continue it with "
+                         f"--resume or choose another --out (nothing was changed)")
+    return lock
 
 
 # Copied from attgan.py
 def save_checkpoint(path, state):
-    """Write `state` to a temporary file, then rename it over `path`: the rename is atomic, so a
-    crash mid-save leaves the previous checkpoint intact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    """Save `state`, tagged with this script's name, to a temporary file, then rename it over `path`
+    (atomic: a crash mid-save keeps the previous checkpoint)."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    torch.save({**state, "script": Path(__file__).name}, tmp)
     os.replace(tmp, path)
 
 
 # Copied from attgan.py
 def load_checkpoint(path, config=None, must_match=()):
-    """Read a checkpoint (tensors and plain values only: weights_only=True). With `config` (a dict),
-    refuse a checkpoint whose saved config differs on any field in `must_match`, naming it."""
-    path = Path(path)
+    """A checkpoint of this script (tensors and plain values only: weights_only=True); with
+    `config`, one whose saved config differs on a field of `must_match` is refused by name."""
+    path, script = Path(path), Path(__file__).name
     if not path.is_file():
-        raise InputError(f"checkpoint not found: {path} (expected a ckpt.pt written by training)")
-    try:
+        raise InputError(f"{path}: expected a checkpoint written by {script}; there is no such file")
+    try:  # (torch's own message would advise weights_only=False: never for a file of unknown origin)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise InputError(f"cannot read checkpoint {path}: {err}") from err
+    except Exception:
+        state = None
+    if not isinstance(state, dict) or state.get("script") != script:
+        found = state.get("script", "another program") if isinstance(state, dict) else "not a checkpoint"
+        raise InputError(f"{path}: expected a checkpoint written by {script}, found {found}")
     for name in must_match if config is not None else ():
-        saved, wanted = state["config"].get(name), config.get(name)
-        if saved != wanted:
-            raise InputError(f"checkpoint {path} was trained with {name}={saved!r}, but this run "
-                             f"has {name}={wanted!r}; use the same setting or another --out")
+        if state["config"].get(name) != config.get(name):
+            raise InputError(f"{path} was trained with {name}={state['config'].get(name)!r}, this run "
+                             f"has {name}={config.get(name)!r}; use the same setting or another --out")
     return state
 
 
 # Copied from attgan.py
-def append_jsonl(path, record):
-    """Append one JSON line (metrics.jsonl: one line per logged step)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+def check_finite(step, stats, *modules):
+    """FloatingPointError at the first non-finite loss, parameter or buffer (a BatchNorm variance can
+    overflow while the loss looks fine), before it reaches a checkpoint. Call it at log steps."""
+    tensors = [torch.as_tensor(v).float().reshape(-1).cpu() for v in stats.values()] + [
+        t.detach().float().reshape(-1).cpu() for m in modules for t in [*m.parameters(), *m.buffers()]]
+    if not bool(torch.cat(tensors).isfinite().all()):
+        bad = [k for k, v in stats.items() if not math.isfinite(float(v))] or ["weights"]
+        raise FloatingPointError(f"step {step}: non-finite {', '.join(bad)}; the run stopped and "
+                                 f"the last checkpoint written is kept (a smaller --lr may help)")
 
 
 # Copied from attgan.py
 def trim_jsonl(path, max_step):
-    """On resume, drop lines logged after the checkpoint's step (they will be logged again)."""
-    path = Path(path)
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines()
-                 if line.strip() and json.loads(line)["step"] <= max_step]
-        path.write_text("".join(line + "\n" for line in lines))
+    """On resume, keep the lines logged up to the checkpoint's step, drop a torn one (power lost
+    mid-write) and the later ones (logged again), and replace the file atomically."""
+    kept, tmp = [], f"{path}.{os.getpid()}.tmp"
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        try:
+            kept += [line + "\n"] if json.loads(line)["step"] <= max_step else []
+        except (ValueError, KeyError, TypeError):
+            pass
+    Path(tmp).write_text("".join(kept))
+    os.replace(tmp, path)
 
 
-# Copied from attgan.py
-def format_seconds(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
-
-
-# ================================================================================================
-# Model
-# ================================================================================================
-def down_block(in_ch, out_ch):
-    """Encoder block: conv 4x4 stride 2 (halves H, W), LeakyReLU 0.2, BatchNorm (original order)."""
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-                         nn.BatchNorm2d(out_ch))
-
-
-def up_block(in_ch, out_ch):
-    """Decoder block: nearest x2 upsampling, conv 3x3, LeakyReLU 0.2, BatchNorm (eps 1e-3, as the
-    original). Nearest upsampling + conv instead of a transposed conv avoids checkerboard marks."""
-    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                         nn.Conv2d(in_ch, out_ch, 3, padding=1), nn.LeakyReLU(0.2),
-                         nn.BatchNorm2d(out_ch, eps=1e-3))
-
-
-def resolutions(img_size, progressive):
-    """Output resolutions the model is trained at: [8, 16, ..., img_size] for PGAE, [img_size]."""
-    if not progressive:
-        return [img_size]
-    return [8 * 2 ** k for k in range(img_size.bit_length() - 4 + 1) if 8 * 2 ** k <= img_size]
-
-
-class AutoEncoder(nn.Module):
-    """DCAE (progressive=False) or PGAE (progressive=True); see the header for the shapes.
-
-    Modules are kept in dicts keyed by the resolution R they work at: encoder[R] takes an (R, R)
-    map to (R/2, R/2), decoder[R] an (R/2, R/2) map to (R, R). Channels of a map of side s:
-    nef·img_size/(2s) in the encoder, ndf·img_size/(2s) in the decoder (32, 64, 128 at 16, 8, 4
-    px for the 32 px DCAE). The DCAE's first encoder block reads the image itself and its last
-    decoder block writes RGB; the PGAE has 1x1 fromRGB / toRGB layers at every resolution."""
-
-    def __init__(self, img_size=32, z_size=100, nef=32, ndf=32, progressive=False):
-        super().__init__()
-        self.img_size, self.progressive = img_size, progressive
-        self.sizes = resolutions(img_size, progressive)
-        enc_ch = lambda s: nef * img_size // (2 * s)  # noqa: E731  (s = img_size: nef / 2)
-        dec_ch = lambda s: ndf * img_size // (2 * s)  # noqa: E731
-        self.bottleneck = (dec_ch(4), 4, 4)
-        self.encoder, self.decoder = nn.ModuleDict(), nn.ModuleDict()
-        self.from_rgb, self.to_rgb = nn.ModuleDict(), nn.ModuleDict()
-        size = img_size
-        while size >= 8:
-            rgb_input = not progressive and size == img_size
-            self.encoder[str(size)] = down_block(3 if rgb_input else enc_ch(size), enc_ch(size // 2))
-            last = not progressive and size == img_size
-            self.decoder[str(size)] = (
-                nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                              nn.Conv2d(dec_ch(size // 2), 3, 3, padding=1)) if last
-                else up_block(dec_ch(size // 2), dec_ch(size)))
-            size //= 2
-        for size in self.sizes:
-            if progressive:
-                self.from_rgb[str(size)] = nn.Sequential(nn.Conv2d(3, enc_ch(size), 1), nn.LeakyReLU(0.2))
-                self.to_rgb[str(size)] = nn.Sequential(nn.Conv2d(dec_ch(size), 3, 1), nn.Tanh())
-            else:
-                self.from_rgb[str(size)] = nn.Identity()
-                self.to_rgb[str(size)] = nn.Tanh()
-        self.to_z = nn.Linear(enc_ch(4) * 16, z_size)  # (B, 2048) -> (B, 100) for the DCAE
-        self.from_z = nn.Sequential(nn.Linear(z_size, dec_ch(4) * 16), nn.ReLU())
-
-    def check(self, size, alpha):
-        if size not in self.sizes:
-            raise InputError(f"resolution {size}: this model works at {self.sizes}")
-        if alpha < 1 and size == self.sizes[0]:
-            raise InputError(f"no fade-in at the first resolution ({size} px)")
-
-    def encode(self, images, alpha=1.0):
-        """(B, 3, R, R) at one of self.sizes -> z (B, z_size). alpha < 1: R is fading in."""
-        size = images.shape[-1]
-        self.check(size, alpha)
-        hidden = self.encoder[str(size)](self.from_rgb[str(size)](images))  # (B, C, R/2, R/2)
-        if alpha < 1:  # the new block blended with the previous resolution's input path
-            old = self.from_rgb[str(size // 2)](F.avg_pool2d(images, 2))  # (B, C, R/2, R/2)
-            hidden = alpha * hidden + (1 - alpha) * old
-        size //= 2
-        while size >= 8:
-            hidden = self.encoder[str(size)](hidden)
-            size //= 2
-        return self.to_z(hidden.flatten(1))  # (B, 4·4·C) -> (B, z_size)
-
-    def decode(self, z, size=None, alpha=1.0):
-        """z (B, z_size) -> (B, 3, size, size) in [-1, 1] (size: default the largest)."""
-        size = size or self.img_size
-        self.check(size, alpha)
-        hidden = self.from_z(z).view(-1, *self.bottleneck)  # (B, C, 4, 4)
-        level = 8
-        while level < size:
-            hidden = self.decoder[str(level)](hidden)
-            level *= 2
-        image = self.to_rgb[str(size)](self.decoder[str(size)](hidden))  # (B, 3, R, R)
-        if alpha < 1:  # blended with the previous resolution's picture, upsampled
-            old = self.to_rgb[str(size // 2)](hidden)  # (B, 3, R/2, R/2)
-            image = alpha * image + (1 - alpha) * F.interpolate(old, scale_factor=2, mode="nearest")
-        return image
-
-    def forward(self, images, alpha=1.0):
-        """Reconstruct at the images' own resolution (one of self.sizes)."""
-        return self.decode(self.encode(images, alpha), images.shape[-1], alpha)
-
-
-def pg_schedule(step, n_sizes, fade_steps, stable_steps):
-    """(resolution index, α) at training step `step` (0-based): a pure function of the step, so a
-    resumed run is exactly where an uninterrupted one would be. Index 0 for stable_steps steps,
-    then for each further resolution fade_steps steps with α = t / fade_steps (0, ..., < 1) and
-    stable_steps steps at α = 1; after the last resolution it stays there at α = 1."""
-    if n_sizes == 1 or step < stable_steps:
-        return 0, 1.0
-    per_phase = fade_steps + stable_steps
-    index, into = divmod(step - stable_steps, per_phase)
-    index += 1
-    if index >= n_sizes:
-        return n_sizes - 1, 1.0
-    return index, (into / fade_steps if into < fade_steps else 1.0)
-
-
-def downsample(images, size):
-    """Average-pool (B, 3, H, H) images to (B, 3, size, size) (H a multiple of size)."""
-    factor = images.shape[-1] // size
-    return F.avg_pool2d(images, factor) if factor > 1 else images
-
-
-def check_config(config):
-    """Refuse settings the networks cannot be built with, with one clear line."""
-    size = config["img_size"]
-    if config["arch"] not in ("dcae", "pgae"):
-        raise InputError(f"--arch {config['arch']!r}: expected 'dcae' or 'pgae'")
-    if size < 8 or size & (size - 1):
-        raise InputError(f"--img-size {size}: expected a power of 2, at least 8 (32, 64, 128)")
-    if config["loss"] not in ("dfc", "mse"):
-        raise InputError(f"--loss {config['loss']!r}: expected 'dfc' or 'mse'")
-    if config["preset"] not in ("auto", "paper", "cpu-demo"):
-        raise InputError(f"--preset {config['preset']!r}: expected 'auto', 'paper' or 'cpu-demo'")
-    if config["nef"] < 2 or config["nef"] % 2 or config["ndf"] < 2 or config["ndf"] % 2:
-        raise InputError("--nef and --ndf must be even and at least 2")
-    if config["arch"] == "pgae" and (config["fade_steps"] < 1 or config["stable_steps"] < 1):
-        raise InputError("--fade-steps and --stable-steps must be at least 1")
-
-
-def build_model(config):
-    """The AutoEncoder of a config dict (Args as a dict, or a checkpoint's config)."""
-    return AutoEncoder(config["img_size"], config["z_size"], config["nef"], config["ndf"],
-                       progressive=config["arch"] == "pgae")
-
-
-# ================================================================================================
-# Losses
-# ================================================================================================
-class VGGFeatures(nn.Module):
-    """VGG19's features[:12] (conv1_1 ... relu3_1), laid out as torchvision's `vgg19().features`
-    so its state-dict keys ('0.weight', '2.weight', ...) match the ImageNet file's 'features.N.*'.
-    Frozen, always in eval mode. forward: images in [-1, 1] -> [relu1_1, relu2_1, relu3_1]."""
-    TAPS = (1, 6, 11)  # relu1_1, relu2_1, relu3_1 (the DFC paper's first three layers)
-
-    def __init__(self):
-        super().__init__()
-        layers, in_ch = [], 3
-        for item in (64, 64, "M", 128, 128, "M", 256):  # the start of torchvision's config "E"
-            if item == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(in_ch, item, 3, padding=1), nn.ReLU(inplace=False)]
-                in_ch = item
-        self.layers = nn.Sequential(*layers)  # 12 modules: indices 0..11
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), False)
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), False)
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode=True):  # stays in eval mode whatever the caller asks (no BN, but clear)
-        return super().train(False)
-
-    def forward(self, images):
-        hidden = ((images + 1) / 2 - self.mean) / self.std  # [-1, 1] -> ImageNet-normalised
-        taps = []
-        for index, layer in enumerate(self.layers):
-            hidden = layer(hidden)
-            if index in self.TAPS:
-                taps.append(hidden)
-        return taps
-
-
-def default_vgg_path():
-    """Where torchvision keeps its downloaded weights: <torch.hub.get_dir()>/checkpoints/."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / VGG19_FILE
-
-
-def vgg_weights_available(weights):
-    return weights == "random" or Path(weights or default_vgg_path()).expanduser().is_file()
-
-
-def load_vgg(weights, device):
-    """VGGFeatures with ImageNet weights from `weights` (a path; None = torch.hub's cache), or
-    random weights (seed 0, a warning) for weights == 'random'. Never downloads."""
-    if weights == "random":
-        print("warning: --vgg-weights random: the DFC loss uses a RANDOM VGG19 (for tests only; "
-              "the features mean nothing)", flush=True)
-        with torch.random.fork_rng(devices=[]):  # leaves the training RNG untouched
-            torch.manual_seed(0)
-            return VGGFeatures().to(device)
-    path = Path(weights or default_vgg_path()).expanduser()
-    if not path.is_file():
-        raise InputError(f"the DFC loss needs VGG19 ImageNet weights, and {path} is missing: fetch "
-                         f"{VGG19_URL} and put it in {default_vgg_path().parent} or pass "
-                         f"--vgg-weights PATH (or train with --loss mse)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise InputError(f"cannot read VGG19 weights {path}: {err}") from err
-    vgg = VGGFeatures()
-    wanted = {f"features.{key}": key for key in vgg.layers.state_dict()}
-    missing = [name for name in wanted if name not in state]
-    if missing:
-        raise InputError(f"{path} is not torchvision's VGG19 file ({VGG19_FILE}): "
-                         f"it has no {missing[0]}")
-    vgg.layers.load_state_dict({key: state[name] for name, key in wanted.items()})
-    return vgg.to(device)
-
-
-def loss_mse(img_recon, img_real):
-    """Pixel loss: MSE(x̂, x), the mean squared difference over pixels and channels."""
-    return F.mse_loss(img_recon.float(), img_real.float())
-
-
-def loss_dfc(vgg, img_recon, img_real):
-    """Deep feature consistent loss: Σ_{l ∈ relu1_1, relu2_1, relu3_1} MSE(Φ_l(x̂), Φ_l(x)).
-    The target's features carry no gradient; the gradient reaches x̂ through the frozen VGG."""
-    with torch.no_grad():
-        target = vgg(img_real)
-    return sum(F.mse_loss(a.float(), b.float()) for a, b in zip(vgg(img_recon), target))
-
-
-def uses_dfc(loss, size):
-    """Whether the feature loss applies at this resolution: --loss dfc and size >= 32 (below that
-    VGG's features of a few pixels mean little, and the original uses MSE)."""
-    return loss == "dfc" and size >= DFC_MIN_SIZE
-
-
-def psnr(mse):
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2): 10·log10(4 / MSE)."""
-    return 10 * torch.log10(4 / mse.clamp_min(1e-10))
-
-
-# ================================================================================================
-# Training step
-# ================================================================================================
-def train_step(model, optimizer, img_real, alpha, loss_name, vgg, amp_ctx):
-    """One Adam update on a batch at its own resolution -> dict of detached scalar tensors."""
-    with amp_ctx():
-        img_recon = model(img_real, alpha)
-        mse = loss_mse(img_recon, img_real)
-        stats = {"mse": mse.detach(), "psnr": psnr(mse.detach())}
-        if uses_dfc(loss_name, img_real.shape[-1]):
-            loss = loss_dfc(vgg, img_recon, img_real)
-            stats["dfc"] = loss.detach()
-        else:
-            loss = mse
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return {"loss": loss.detach(), **stats}
-
-
-# ================================================================================================
-# Attribute vectors and the pictures
-# ================================================================================================
-@torch.no_grad()
-def encode_all(encode, images, batch_size=256, device=None):
-    """encode (float [-1, 1] images -> (B, Z)) over uint8 or float images (N, 3, H, W) -> (N, Z)."""
-    codes = []
-    for chunk in images.split(batch_size):
-        chunk = chunk.to(device) if device is not None else chunk
-        codes.append(encode(common.to_float(chunk) if chunk.dtype == torch.uint8 else chunk).float())
-    return torch.cat(codes)
-
-
-@torch.no_grad()
-def attribute_vectors(encode, images, labels, max_per_side=1000, seed=0, device=None):
-    """v_a = mean E(x with a) − mean E(x without a), over at most max_per_side images per side
-    (drawn in a fixed random order from `seed`). images (N, 3, H, W) uint8 or float, labels (N, A)
-    0/1 -> (vectors (A, Z) float on the CPU, counts (A, 2) long: images with, without). An
-    attribute with no image on one side gets a zero vector (and a 0 count)."""
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-    labels = labels.cpu()[order] > 0.5
-    picks = []
-    for a in range(labels.shape[1]):
-        picks.append((order[labels[:, a]][:max_per_side], order[~labels[:, a]][:max_per_side]))
-    needed = torch.unique(torch.cat([torch.cat(p) for p in picks]))  # each image encoded once
-    codes = encode_all(encode, images[needed.to(images.device)], device=device).cpu()
-    row = {i: r for r, i in enumerate(needed.tolist())}
-    vectors = torch.zeros(labels.shape[1], codes.shape[1])
-    counts = torch.zeros(labels.shape[1], 2, dtype=torch.long)
-    for a, (with_, without) in enumerate(picks):
-        counts[a] = torch.tensor([len(with_), len(without)])
-        if len(with_) and len(without):
-            vectors[a] = (codes[[row[i] for i in with_.tolist()]].mean(0)
-                          - codes[[row[i] for i in without.tolist()]].mean(0))
-    return vectors, counts
-
-
-def edit_codes(z, vectors, attr_src, attr_tgt, strength=1.5):
-    """z + strength·Σ_a (tgt_a − src_a)·v_a: z (B, Z), vectors (A, Z), attributes (B, A) 0/1."""
-    return z + strength * (attr_tgt.float() - attr_src.float()) @ vectors.to(z)
-
-
-@torch.no_grad()
-def feature_grid(model, images, vectors, strength, size, alpha):
-    """(R, 2 + 2A, 3, size, size): input | reconstruction | D(z + s·v_a), D(z − s·v_a) per
-    attribute; images (R, 3, img_size, img_size) in [-1, 1], pooled to the model's resolution."""
-    images = downsample(images, size)
-    z = model.encode(images, alpha)
-    columns = [images, model.decode(z, size, alpha)]
-    for vector in vectors.to(z):
-        columns += [model.decode(z + strength * vector, size, alpha),
-                    model.decode(z - strength * vector, size, alpha)]
-    return torch.stack([c.float() for c in columns], 1)
-
-
-def grid_labels(attr_names):
-    return ["input", "recon"] + [f"{sign}{name}" for name in attr_names for sign in "+-"]
-
-
-@torch.no_grad()
-def lerp_frames(model, z_start, z_end, frames, size, alpha):
-    """D((1 − t)·z_start + t·z_end) for t = 0 .. 1 in `frames` steps -> (frames, 3, size, size);
-    z_start, z_end (1, Z)."""
-    t = torch.linspace(0, 1, frames, device=z_start.device)[:, None]
-    return model.decode((1 - t) * z_start + t * z_end, size, alpha).float()
-
-
-# ================================================================================================
-# Checkpoint, loading a trained model, the evaluation contract
-# ================================================================================================
-def checkpoint_state(model, optimizer, step, args, attr_names, size, alpha):
-    """The full training state as one dict (weights_only-loadable). `phase` records the PGAE
-    resolution and α reached (a resume recomputes them from the step: pg_schedule)."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "phase": {"size": size, "alpha": alpha}, "config": dataclasses.asdict(args),
-            "attr_names": list(attr_names), "rng": rng_state()}
-
-
-def load_trained(ckpt_path, device="cpu"):
-    """(state, model in eval mode, resolution, α) from a checkpoint."""
-    state = load_checkpoint(ckpt_path)
-    model = build_model(state["config"])
-    model.load_state_dict(state["model"])
-    size, alpha = state["phase"]["size"], state["phase"]["alpha"]
-    return state, model.to(device).eval(), size, alpha
-
-
-def load_split(config, attr_names, data=None, split="train", verbose=False):
-    """A split of the checkpoint's dataset (or `data`) at the training image size; an empty split
-    falls back to 'train' (tiny demo sets)."""
-    data = data or config["data"]
-    faces = common.load_celeba(data, attr_names, split, config["img_size"], config["crop"],
-                               verbose=verbose)
-    if len(faces.images) == 0 and split != "train":
-        faces = common.load_celeba(data, attr_names, "train", config["img_size"], config["crop"],
-                                   verbose=False)
-    return faces
-
-
-def vectors_for(ckpt_path, state, model, size, alpha, attr_names, vectors_path=None,
-                max_per_side=1000, device="cpu"):
-    """(A, Z) vectors for attr_names: from vectors.pt (--vectors, or beside the checkpoint) when
-    it holds them all and was made from this step's weights; else computed on the training split."""
-    path = Path(vectors_path) if vectors_path else Path(ckpt_path).parent / "vectors.pt"
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        if saved.get("step") == state["step"] and all(n in saved["vectors"] for n in attr_names):
-            return torch.stack([saved["vectors"][n] for n in attr_names])
-        print(f"note: {path} is from another step or lacks some attributes; computing the vectors")
-    elif vectors_path:
-        raise InputError(f"vectors file not found: {path} (write one with `feature_ae.py vectors`)")
-    faces = load_split(state["config"], attr_names, split="train")
-    vectors, _ = attribute_vectors(lambda x: model.encode(downsample(x, size), alpha), faces.images,
-                                   faces.labels, max_per_side, seed=state["config"]["seed"],
-                                   device=device)
-    return vectors
-
-
-def load_for_eval(ckpt_path, device="cpu"):
-    """The evaluation contract (benchmarks/evaluate.py): a namespace with attr_names, img_size,
-    crop; reconstruct(images) -> D(E(x)); edit(images, attr_src, attr_tgt) ->
-    D(E(x) + 1.5·Σ(tgt − src)·v) (vectors from vectors.pt beside the checkpoint, or computed from
-    up to 1000 training images per side); encode(images) -> {"z": (B, z_size)}; generate = None.
-    Images are float [-1, 1] (B, 3, img_size, img_size), attributes (B, A) 0/1 in attr_names
-    order; results come on the CPU at img_size."""
-    device = torch.device(device)
-    state, model, size, alpha = load_trained(ckpt_path, device)
-    config, attr_names = state["config"], state["attr_names"]
-    img_size = config["img_size"]
-    cache = {}
-
-    def prepare(images):
-        images = images.to(device).float()
-        if images.shape[-1] != img_size or images.shape[-2] != img_size:
-            images = F.interpolate(images, size=(img_size, img_size), mode="bilinear",
-                                   antialias=True, align_corners=False)
-        return downsample(images, size)
-
-    def finish(images):
-        if size != img_size:
-            images = F.interpolate(images, scale_factor=img_size // size, mode="nearest")
-        return images.float().cpu()
-
-    @torch.no_grad()
-    def encode(images, batch_size=256):
-        return {"z": torch.cat([model.encode(prepare(x), alpha).float().cpu()
-                                for x in images.split(batch_size)])}
-
-    @torch.no_grad()
-    def reconstruct(images, batch_size=256):
-        return torch.cat([finish(model(prepare(x), alpha)) for x in images.split(batch_size)])
-
-    @torch.no_grad()
-    def edit(images, attr_src, attr_tgt, batch_size=256):
-        if "vectors" not in cache:
-            cache["vectors"] = vectors_for(ckpt_path, state, model, size, alpha, attr_names,
-                                           device=device).to(device)
-        out = []
-        for x, src, tgt in zip(images.split(batch_size), attr_src.split(batch_size),
-                               attr_tgt.split(batch_size)):
-            z = edit_codes(model.encode(prepare(x), alpha), cache["vectors"], src.to(device),
-                           tgt.to(device), 1.5)
-            out.append(finish(model.decode(z, size, alpha)))
-        return torch.cat(out)
-
-    return types.SimpleNamespace(attr_names=list(attr_names), img_size=img_size,
-                                 crop=config["crop"], edit=edit, reconstruct=reconstruct,
-                                 generate=None, encode=encode)
-
-
-# ================================================================================================
-# Sub-commands: vectors, grid, lerp, morph
-# ================================================================================================
-def pick_attrs(requested, state):
-    if not requested:
-        return list(state["attr_names"])
-    return common.resolve_attrs(requested)
-
-
-def vectors_command(args):
-    """Encode the training split, save {attr_names, vectors {name: (Z,)}, counts {name: [with,
-    without]}, step} to vectors.pt -> its path."""
-    device = pick_device(args.device)
-    state, model, size, alpha = load_trained(args.ckpt, device)
-    attr_names = pick_attrs(args.attrs, state)
-    faces = load_split(state["config"], attr_names, args.data, "train", verbose=True)
-    vectors, counts = attribute_vectors(lambda x: model.encode(downsample(x, size), alpha),
-                                        faces.images, faces.labels, args.max_per_side,
-                                        seed=state["config"]["seed"], device=device)
-    path = Path(args.out or Path(args.ckpt).parent / "vectors.pt")
-    save_checkpoint(path, {"attr_names": attr_names, "step": state["step"],
-                           "vectors": {n: v for n, v in zip(attr_names, vectors)},
-                           "counts": {n: c.tolist() for n, c in zip(attr_names, counts)}})
-    for name, vector, (n_with, n_without) in zip(attr_names, vectors, counts.tolist()):
-        note = "  (no images on one side: zero vector)" if not (n_with and n_without) else ""
-        print(f"  {name:<22} {n_with:5d} with, {n_without:5d} without, |v| = {vector.norm():.3f}{note}")
-    print(f"wrote {path}")
-    return path
-
-
-def grid_command(args):
-    device = pick_device(args.device)
-    state, model, size, alpha = load_trained(args.ckpt, device)
-    attr_names = pick_attrs(args.attrs, state)
-    vectors = vectors_for(args.ckpt, state, model, size, alpha, attr_names, args.vectors,
-                          state["config"]["vector_images"], device)
-    faces = load_split(state["config"], attr_names, args.data, args.split)
-    images = common.to_float(faces.images[:args.count]).to(device)
-    grid = feature_grid(model, images, vectors, args.strength, size, alpha)
-    path = Path(args.out or Path(args.ckpt).parent / "grid.png")
-    common.save_grid(grid.cpu(), path, col_labels=grid_labels(attr_names),
-                     title=f"z ± {args.strength:g}·v ({size} px)")
-    print(f"wrote {path}")
-    return path
-
-
-def pick_image(config, image, data, split, index, size, device):
-    """(1, 3, size, size) in [-1, 1]: a photo, or image `index` of a split."""
-    if image:
-        picture = common.load_photo(image, config["img_size"], config["crop"])
-    else:
-        faces = load_split(config, [], data, split)
-        if not 0 <= index < len(faces.images):
-            raise InputError(f"index {index}: the '{faces.split}' split has {len(faces.images)} images")
-        picture = common.to_float(faces.images[index:index + 1])
-    return downsample(picture.to(device), size)
-
-
-def check_frames(frames):
-    if frames < 2:
-        raise InputError(f"--frames {frames}: expected at least 2")
-
-
-def merged_note(path, frames):
-    """Pillow stores identical consecutive GIF frames as one longer frame (e.g. when v is tiny):
-    say so, rather than leave a GIF with fewer frames than asked for unexplained."""
-    from PIL import Image
-    with Image.open(path) as gif:
-        stored = gif.n_frames
-    return "" if stored == frames else (f"; note: {frames - stored} identical consecutive frames "
-                                        f"were merged by Pillow ({stored} stored)")
-
-
-def lerp_command(args):
-    """Two GIFs: z -> z + strength·v (add) and z -> z − strength·v (remove) -> their paths."""
-    check_frames(args.frames)
-    device = pick_device(args.device)
-    state, model, size, alpha = load_trained(args.ckpt, device)
-    name = common.resolve_attrs([args.attr])[0] if args.attr else state["attr_names"][0]
-    vector = vectors_for(args.ckpt, state, model, size, alpha, [name], args.vectors,
-                         state["config"]["vector_images"], device)[0].to(device)
-    image = pick_image(state["config"], args.image, args.data, args.split, args.index, size, device)
-    with torch.no_grad():
-        z = model.encode(image, alpha)
-    folder = Path(args.out or Path(args.ckpt).parent)
-    paths = []
-    for sign, word in ((1, "add"), (-1, "remove")):
-        frames = lerp_frames(model, z, z + sign * args.strength * vector, args.frames, size, alpha)
-        path = folder / f"lerp_{name}_{word}.gif"
-        common.save_gif(frames.cpu(), path, fps=args.fps, scale=args.scale)
-        paths.append(path)
-        print(f"wrote {path} ({word} {name}: z -> z {'+-'[sign < 0]} {args.strength:g}·v)"
-              + merged_note(path, args.frames))
-    return paths
-
-
-def morph_command(args):
-    """A GIF from E(x_a) to E(x_b) -> its path."""
-    check_frames(args.frames)
-    device = pick_device(args.device)
-    state, model, size, alpha = load_trained(args.ckpt, device)
-    config = state["config"]
-    first = pick_image(config, args.image_a, args.data, args.split, args.index_a, size, device)
-    last = pick_image(config, args.image_b, args.data, args.split, args.index_b, size, device)
-    with torch.no_grad():
-        z_first, z_last = model.encode(first, alpha), model.encode(last, alpha)
-    frames = lerp_frames(model, z_first, z_last, args.frames, size, alpha)
-    names = [Path(args.image_a).stem if args.image_a else str(args.index_a),
-             Path(args.image_b).stem if args.image_b else str(args.index_b)]
-    path = Path(args.out or Path(args.ckpt).parent / f"morph_{names[0]}_{names[1]}.gif")
-    common.save_gif(frames.cpu(), path, fps=args.fps, scale=args.scale)
-    print(f"wrote {path}" + merged_note(path, args.frames))
-    return path
-
-
-# ================================================================================================
-# main: training
-# ================================================================================================
 # Copied from attgan.py
 def is_demo(data):
+    """'demo' / 'demo:N' name the synthetic set; anything else is a folder."""
     return data == "demo" or data.startswith("demo:")
-
-
-def default_attrs(data):
-    """FEATURE_ATTRS; on the demo set those it draws."""
-    if not is_demo(data):
-        return list(FEATURE_ATTRS)
-    return [a for a in FEATURE_ATTRS if a in common.DEMO_ATTRS]
-
-
-def apply_presets(args, device):
-    """--smoke or the cpu-demo preset on the fields still at their defaults; fills --img-size,
-    --attrs and --loss auto (dfc; mse on the cpu-demo preset when the VGG19 file is missing)."""
-    defaults = Args()
-    if args.smoke:
-        for name, value in SMOKE.items():
-            if getattr(args, name) == getattr(defaults, name):
-                setattr(args, name, value)
-    else:
-        use_cpu_preset = args.preset == "cpu-demo" or (
-            args.preset == "auto" and device.type == "cpu" and is_demo(args.data))
-        if use_cpu_preset:
-            changed = {name: value for name, value in CPU_DEMO_PRESET.items()
-                       if getattr(args, name) == getattr(defaults, name) != value}
-            for name, value in changed.items():
-                setattr(args, name, value)
-            args.preset = "cpu-demo"
-            if changed:
-                print("note: cpu-demo preset (CPU + demo data; --preset paper keeps the full "
-                      "configuration): " + ", ".join(f"--{k.replace('_', '-')} {v}"
-                                                    for k, v in changed.items()))
-        elif args.preset == "auto":
-            args.preset = "paper"
-    if args.loss == "auto":
-        args.loss = "dfc"
-        if args.preset == "cpu-demo" and not vgg_weights_available(args.vgg_weights):
-            args.loss = "mse"
-            print(f"note: cpu-demo preset without VGG19 weights ({default_vgg_path()} is "
-                  f"missing): --loss mse instead of dfc (fetch {VGG19_URL} for dfc)")
-    if args.img_size == 0:
-        args.img_size = 64 if args.arch == "pgae" else 32
-    if not args.attrs:
-        args.attrs = default_attrs(args.data)
-    return args
-
-
-def train(args):
-    device = pick_device(args.device)
-    args = apply_presets(args, device)
-    config = dataclasses.asdict(args)
-    check_config(config)
-    out = Path(args.out)
-    # Read (and vet) the checkpoint before loading any data: a wrong setting fails at once.
-    state = load_checkpoint(out / "ckpt.pt", config, RESUME_MUST_MATCH) if args.resume else None
-    sizes = resolutions(args.img_size, args.arch == "pgae")
-    needs_vgg = args.loss == "dfc" and sizes[-1] >= DFC_MIN_SIZE
-    vgg = load_vgg(args.vgg_weights, device) if needs_vgg else None  # fails before any work
-    torch.manual_seed(args.seed)
-
-    data = common.load_celeba(args.data, args.attrs, "train", args.img_size, args.crop)
-    attr_names = data.attr_names
-    data = common.to_device(data, device)
-    val = load_split(config, attr_names, split="val")
-    sample_images = common.to_float(val.images[:8]).to(device)
-
-    model = build_model(config).to(device)
-    channels_last = args.channels_last and device.type == "cuda"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
-    start_step, metrics_path = 0, out / "metrics.jsonl"
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-        print(f"resumed from {out / 'ckpt.pt'} at step {start_step}")
-    (out / "samples").mkdir(parents=True, exist_ok=True)
-    if state is not None:
-        trim_jsonl(metrics_path, start_step)
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
-    model_train = model
-    if args.compile and args.arch == "dcae":
-        model_train = torch.compile(model)
-    elif args.compile:
-        print("note: --compile is ignored for pgae (its resolution and α change during training)")
-    amp_ctx = lambda: autocast(device, args.amp)  # noqa: E731
-    print(f"Features Changer {args.arch.upper()} {' -> '.join(map(str, sizes))} px, z {args.z_size}, "
-          f"loss {args.loss}{' (MSE below 32 px)' if args.loss == 'dfc' and len(sizes) > 1 else ''};"
-          f" {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters; "
-          f"{len(data.images)} training images; device {device}; "
-          f"{'smoke' if args.smoke else args.preset} configuration")
-
-    def save_samples(step, size, alpha):
-        model.eval()
-        with amp_ctx():
-            vectors, _ = attribute_vectors(lambda x: model.encode(downsample(x, size), alpha),
-                                           data.images, data.labels, args.vector_images,
-                                           seed=args.seed, device=device)
-            grid = feature_grid(model, sample_images, vectors, args.strength, size, alpha)
-        model.train()
-        common.save_grid(grid, out / "samples" / f"step_{step:06d}.png",
-                         col_labels=grid_labels(attr_names),
-                         title=f"{args.arch.upper()} step {step}, {size} px"
-                               + (f" (fading in, α {alpha:.2f})" if alpha < 1 else ""))
-
-    totals, counts, clock, interval_start = {}, {}, time.time(), start_step
-    phase = None
-    for step in range(start_step, args.steps):
-        index, alpha = pg_schedule(step, len(sizes), args.fade_steps, args.stable_steps)
-        size = sizes[index]
-        if len(sizes) > 1 and (index, alpha == 1) != phase:
-            print(f"phase: {size} px, {'stable' if alpha == 1 else 'fading in'} from step {step}")
-            phase = (index, alpha == 1)
-        img_real, _, _ = common.get_batch(data, step, args.batch_size, args.seed, device,
-                                          channels_last=channels_last)
-        img_real = downsample(img_real, size)
-        stats = train_step(model_train, optimizer, img_real, alpha, args.loss, vgg, amp_ctx)
-        for key, value in stats.items():  # detached tensors: no host sync until the log step
-            totals[key] = totals.get(key, 0) + value
-            counts[key] = counts.get(key, 0) + 1
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            keys = sorted(totals)
-            means = torch.stack([totals[k] / counts[k] for k in keys]).float().tolist()
-            elapsed = time.time() - clock
-            record = {"step": done, "img_per_s": (done - interval_start) * args.batch_size / elapsed,
-                      "res": size, "alpha": alpha, **dict(zip(keys, means))}
-            eta = (args.steps - done) * elapsed / (done - interval_start)
-            append_jsonl(metrics_path, record)
-            dfc_part = f" dfc {record['dfc']:.4f}" if "dfc" in record else ""
-            print(f"step {done}/{args.steps}  {size} px α {alpha:.2f}  loss {record['loss']:.4f}"
-                  f"{dfc_part}  mse {record['mse']:.4f}  psnr {record['psnr']:.2f} dB  "
-                  f"{record['img_per_s']:.0f} img/s  ETA {format_seconds(eta)}", flush=True)
-            totals, counts, interval_start = {}, {}, done
-        saving = time.time()
-        if done % args.sample_every == 0 or done == args.steps:
-            save_samples(done, size, alpha)
-        if done % args.ckpt_every == 0 or done == args.steps:
-            save_checkpoint(out / "ckpt.pt", checkpoint_state(model, optimizer, done, args,
-                                                              attr_names, size, alpha))
-        if not totals:  # just logged: time the next interval from here
-            clock = time.time()
-        else:  # img/s counts training only, not the time spent writing samples and checkpoints
-            clock += time.time() - saving
-    if metrics_path.exists():
-        records = common.read_jsonl(metrics_path)
-        keys = [k for k in ("loss", "dfc", "mse", "psnr", "res", "alpha", "img_per_s")
-                if any(k in r for r in records)]
-        common.plot_metrics(metrics_path, out / "losses.png", keys=keys)
-        print(f"done: {out / 'ckpt.pt'}, samples in {out / 'samples'}, losses.png")
-    return out
-
-
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"vectors": (VectorsArgs, vectors_command), "grid": (GridArgs, grid_command),
-                "lerp": (LerpArgs, lerp_command), "morph": (MorphArgs, morph_command)}
-    command = argv.pop(0) if argv and argv[0] in ("train", *commands) else "train"
-    if command in commands:
-        cls, run = commands[command]
-        return run(parse_dataclass(cls, argv, f"feature_ae.py {command}"))
-    return train(parse_dataclass(Args, argv, "feature_ae.py [train]"))
 
 
 if __name__ == "__main__":
     try:
         main()
-    except InputError as err:  # bad input: one clear line, no traceback
+    except (InputError, FloatingPointError) as err:  # one clear line, no traceback
         sys.exit(f"error: {err}")

@@ -1,252 +1,250 @@
-"""Tests for feature_ae.py: shapes of both autoencoders at every PGAE resolution, the fade-in
-blend, the phase schedule, the DFC loss (random VGG, and the torchvision weight layout), MSE below
-32 px, the attribute-vector arithmetic on a toy encoder, and the command line end to end (smoke
-run, exact resume across a PGAE phase change, vectors / grid / lerp / morph, missing VGG weights,
-the evaluation contract)."""
-import contextlib
+"""Tests for feature_ae.py: both autoencoders against the original's layer sizes and (PGAE) a plain
+re-implementation of the original's encode/decode index arithmetic, at every resolution and in the
+fade; the phase schedule; the DFC loss against an independent computation on a random VGG19 (and
+in fp32 under bf16 autocast); the attribute vectors; vectors.pt keyed by the weights (the bug of a
+reused vectors.pt); the command line (smoke run, exact resume across a phase change, --help,
+out-of-range arguments, foreign checkpoints, the NaN guard) and the evaluation adapter."""
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
 import common
 import feature_ae
 from conftest import ROOT
-from feature_ae import AutoEncoder, InputError
+from feature_ae import DCAE, PGAE, InputError
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from adapters import feature_ae as adapter  # noqa: E402
 
 torch.set_num_threads(1)
 
 
-def no_amp():
-    return contextlib.nullcontext()
+def run_cli(cache_env, *args):
+    env = dict(cache_env, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(ROOT / "feature_ae.py"), *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
 
 
 # ------------------------------------------------------------------------------------------------
-# Shapes
+# Models: the original's sizes, the original's PGAE arithmetic, the fade
 # ------------------------------------------------------------------------------------------------
-def test_dcae_shapes_match_the_original_net3():
-    """32 px, nef = ndf = 32: encoder 32/64/128 channels down to 4x4, a 2048 -> 100 bottleneck,
-    decoder 128 -> 64 -> 32 -> RGB (the original's Net3)."""
-    model = AutoEncoder(32, 100, 32, 32).eval()
-    assert [model.encoder[s][0].out_channels for s in ("32", "16", "8")] == [32, 64, 128]
-    assert model.encoder["32"][0].in_channels == 3  # no fromRGB in the DCAE
-    assert model.to_z.in_features == 128 * 4 * 4 and model.to_z.out_features == 100
-    assert [model.decoder[s][1].out_channels for s in ("8", "16", "32")] == [64, 32, 3]
+def test_dcae_has_the_original_net3_layers():
+    """src/net.py Net3 at 32 px, nef 32, z 100: its parameter shapes in order, and a bare last conv."""
+    model = DCAE(32, 100).eval()
+    expected = [(32, 3, 4, 4), (32,), (32,), (32,), (64, 32, 4, 4), (64,), (64,), (64,),
+                (128, 64, 4, 4), (128,), (128,), (128,), (100, 2048), (100,), (2048, 100), (2048,),
+                (64, 128, 3, 3), (64,), (64,), (64,), (32, 64, 3, 3), (32,), (32,), (32,),
+                (3, 32, 3, 3), (3,)]
+    assert [tuple(p.shape) for p in model.parameters()] == expected
+    assert sum(p.numel() for p in model.parameters()) == 671_111
+    assert isinstance(model.decoder[-1], nn.Conv2d)  # no tanh (the original's output)
+    assert [m.eps for m in model.decoder if isinstance(m, nn.BatchNorm2d)] == [1e-3, 1e-3]
     images = torch.rand(3, 3, 32, 32) * 2 - 1
-    z = model.encode(images)
-    assert z.shape == (3, 100)
-    out = model.decode(z)
-    assert out.shape == (3, 3, 32, 32) and out.abs().max() <= 1
-    assert model(images).shape == (3, 3, 32, 32)
+    assert model.encode(images).shape == (3, 100) and model(images).shape == (3, 3, 32, 32)
+
+
+def test_pgae_widths_are_the_original_8_to_128_with_bare_rgb_convs():
+    model = PGAE(64, 8)
+    assert model.sizes == [8, 16, 32, 64] and model.code_shape == (128, 4, 4)
+    assert [m.out_channels for m in model.from_rgb] == [8, 16, 32, 64]
+    assert [m[0].out_channels for m in model.enc] == [16, 32, 64, 128]
+    assert [(m[0].in_channels, m[0].out_channels) for m in model.dec] == [(128, 64), (64, 32), (32, 16), (16, 8)]
+    for conv in [*model.from_rgb, *model.to_rgb]:  # fromRGB / toRGB: a bare 1x1 conv (src/net.py)
+        assert type(conv) is nn.Conv2d and conv.kernel_size == (1, 1)
+    assert sum(p.numel() for p in model.parameters()) == 443_652  # the original's PGAE(4, 8)
+
+
+def reference_pgae(model, images, step, merge):
+    """The original's PGAE.encode/.decode (src/net.py) written out with its own index arithmetic
+    (encoders[steps - step], decoders[step - 1], the merge), on `model`'s weights. EBlock: fromRGB,
+    conv pair, max-pool; DBlock: bilinear x2 (align_corners False), conv pair, toRGB."""
+    steps = len(model.enc)
+
+    def eblock(i, y, rgb_input=False):
+        return F.max_pool2d(model.enc[i](model.from_rgb[i](y) if rgb_input else y), 2)
+
+    def dblock(i, y, rgb_output=False):
+        y = model.dec[i](F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False))
+        return model.to_rgb[i](y) if rgb_output else y
+
+    z = images
+    if step > 1 and merge < 1:
+        z_prev = model.from_rgb[steps - step + 1](F.avg_pool2d(z, 2))
+        z = merge * eblock(steps - step, z, True) + (1 - merge) * z_prev
+    else:
+        z = eblock(steps - step, z, True)
+    for i in range(steps - step + 1, steps):
+        z = eblock(i, z)
+    y = z
+    for i in range(step - 1):
+        y = dblock(i, y)
+    if step != 1:
+        y_prev = F.interpolate(model.to_rgb[step - 2](y), scale_factor=2)  # the default: nearest
+        y = merge * dblock(step - 1, y, True) + (1 - merge) * y_prev
+    else:
+        y = dblock(step - 1, y, True)
+    return z.flatten(1), y
 
 
 @pytest.mark.parametrize("size", [8, 16, 32, 64])
-def test_pgae_shapes_at_every_resolution(size):
-    model = AutoEncoder(64, 12, 4, 4, progressive=True).eval()
-    assert model.sizes == [8, 16, 32, 64]
+def test_pgae_equals_the_original_arithmetic_at_every_resolution_and_in_the_fade(size):
+    torch.manual_seed(0)
+    model = PGAE(64, 8).eval()
+    step = model.sizes.index(size) + 1  # the original's net.step: 1 at 8 px ... 4 at 64 px
     images = torch.rand(2, 3, size, size) * 2 - 1
-    z = model.encode(images)
-    assert z.shape == (2, 12)
-    recon = model.decode(z, size)
-    assert recon.shape == (2, 3, size, size) and recon.abs().max() <= 1
-    if size > 8:  # fading in: same shapes
-        assert model(images, 0.5).shape == (2, 3, size, size)
-        assert model.encode(images, 0.3).shape == (2, 12)
-    else:
-        with pytest.raises(InputError, match="no fade-in"):
-            model(images, 0.5)
+    for alpha in ([1.0] if size == 8 else [0.0, 0.3, 1.0]):
+        z_ref, y_ref = reference_pgae(model, images, step, alpha)
+        z = model.encode(images, alpha)
+        assert z.shape == (2, 2048) and torch.allclose(z, z_ref, atol=1e-6)
+        y = model.decode(z, size, alpha)
+        assert y.shape == (2, 3, size, size) and torch.allclose(y, y_ref, atol=1e-6)
+        assert torch.allclose(model(images, alpha), y_ref, atol=1e-6)
 
 
-def test_pgae_channels_and_wrong_resolution():
-    model = AutoEncoder(64, 100, 32, 32, progressive=True)
-    # maps of side 32, 16, 8, 4 have 32, 64, 128, 256 channels; fromRGB_64 gives 16
-    assert model.from_rgb["64"][0].out_channels == 16
-    assert [model.encoder[s][0].out_channels for s in ("64", "32", "16", "8")] == [32, 64, 128, 256]
-    assert model.to_z.in_features == 256 * 16
-    with pytest.raises(InputError, match="works at"):
-        model.encode(torch.zeros(1, 3, 24, 24))
-
-
-# ------------------------------------------------------------------------------------------------
-# Fade-in and the phase schedule
-# ------------------------------------------------------------------------------------------------
-def test_fade_in_at_alpha_0_is_the_lower_resolution_path_upsampled():
-    torch.manual_seed(0)
-    model = AutoEncoder(64, 10, 4, 4, progressive=True).eval()
-    z = torch.randn(3, 10)
-    for size in (16, 32, 64):
+def test_fade_at_alpha_0_is_the_previous_resolution_and_at_1_the_new_block_alone():
+    torch.manual_seed(1)
+    model = PGAE(32, 4).eval()
+    z = torch.randn(3, 32 * 16)
+    for size in (16, 32):
         low = model.decode(z, size // 2, 1.0)
-        assert torch.allclose(model.decode(z, size, 0.0),
-                              F.interpolate(low, scale_factor=2, mode="nearest"), atol=1e-6)
+        assert torch.allclose(model.decode(z, size, 0.0), F.interpolate(low, scale_factor=2, mode="nearest"), atol=1e-6)
         images = torch.rand(3, 3, size, size) * 2 - 1
-        assert torch.allclose(model.encode(images, 0.0),
-                              model.encode(F.avg_pool2d(images, 2), 1.0), atol=1e-5)
+        assert torch.allclose(model.encode(images, 0.0), model.encode(F.avg_pool2d(images, 2), 1.0), atol=1e-5)
+    images = torch.rand(2, 3, 16, 16)
+    before = model.decode(z[:2], 16, 1.0), model.encode(images, 1.0)
+    with torch.no_grad():  # the 8-px toRGB / fromRGB play no part at α = 1
+        model.to_rgb[0].weight.add_(1.0)
+        model.from_rgb[2].weight.add_(1.0)
+    assert torch.equal(model.decode(z[:2], 16, 1.0), before[0]) and torch.equal(model.encode(images, 1.0), before[1])
 
 
-def test_fade_in_at_alpha_1_is_the_new_block_alone():
-    """At α = 1 the previous resolution's toRGB / fromRGB play no part; at α = 0.5 they do."""
-    torch.manual_seed(0)
-    model = AutoEncoder(64, 10, 4, 4, progressive=True).eval()
-    z, images = torch.randn(2, 10), torch.rand(2, 3, 16, 16) * 2 - 1
-    before = model.decode(z, 16, 1.0), model.encode(images, 1.0)
-    half = model.decode(z, 16, 0.5), model.encode(images, 0.5)
-    with torch.no_grad():
-        for module in (model.to_rgb["8"], model.from_rgb["8"]):
-            for p in module.parameters():
-                p.add_(1.0)
-    assert torch.equal(model.decode(z, 16, 1.0), before[0])
-    assert torch.equal(model.encode(images, 1.0), before[1])
-    assert not torch.allclose(model.decode(z, 16, 0.5), half[0])
-    assert not torch.allclose(model.encode(images, 0.5), half[1])
-    # and the α = 1 output is exactly toRGB_16(block_16(hidden at 8 px))
-    hidden = model.decoder["8"](model.from_z(z).view(-1, *model.bottleneck))
-    assert torch.equal(before[0], model.to_rgb["16"](model.decoder["16"](hidden)))
-
-
-def test_pg_schedule():
-    schedule = [feature_ae.pg_schedule(step, 3, fade_steps=2, stable_steps=1) for step in range(8)]
-    assert schedule == [(0, 1.0), (1, 0.0), (1, 0.5), (1, 1.0), (2, 0.0), (2, 0.5), (2, 1.0),
-                        (2, 1.0)]
-    assert feature_ae.pg_schedule(10 ** 6, 4, 2500, 2500) == (3, 1.0)
-    assert feature_ae.pg_schedule(3750, 4, 2500, 2500) == (1, 0.5)  # halfway into 16 px's fade
-    assert feature_ae.pg_schedule(123, 1, 2, 1) == (0, 1.0)  # DCAE: one resolution
-    assert feature_ae.resolutions(64, True) == [8, 16, 32, 64]
-    assert feature_ae.resolutions(32, False) == [32]
+def test_pg_schedule_fades_each_new_resolution_over_one_phase_then_stays():
+    schedule = [feature_ae.pg_schedule(step, 3, 2) for step in range(8)]
+    assert schedule == [(0, 1.0), (0, 1.0), (1, 0.5), (1, 1.0), (2, 0.5), (2, 1.0), (2, 1.0), (2, 1.0)]
+    # the original's 64 px model, one epoch = 10 steps: 8 px 0-9, fades 10-19, 20-29, 30-39, then 64 px
+    assert feature_ae.pg_schedule(10, 4, 10) == (1, 0.1) and feature_ae.pg_schedule(29, 4, 10) == (2, 1.0)
+    assert feature_ae.pg_schedule(30, 4, 10) == (3, 0.1) and feature_ae.pg_schedule(59, 4, 10) == (3, 1.0)
+    assert feature_ae.pg_schedule(123, 1, 5) == (0, 1.0)  # dcae: one resolution
 
 
 # ------------------------------------------------------------------------------------------------
 # Losses
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def random_vgg():
-    return feature_ae.load_vgg("random", "cpu")
-
-
-def test_dfc_loss_zero_for_identical_images_positive_otherwise(random_vgg):
-    torch.manual_seed(1)
-    images = torch.rand(2, 3, 32, 32) * 2 - 1
-    assert feature_ae.loss_dfc(random_vgg, images, images.clone()).item() == 0.0
-    recon = (images + 0.1 * torch.randn_like(images)).requires_grad_(True)
-    loss = feature_ae.loss_dfc(random_vgg, recon, images)
-    assert loss.item() > 0
-    loss.backward()
-    assert recon.grad is not None and recon.grad.abs().sum() > 0  # the gradient reaches x̂
-    assert all(p.grad is None and not p.requires_grad for p in random_vgg.parameters())  # frozen
-    taps = random_vgg(images)
-    assert [t.shape[1:] for t in taps] == [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
-    random_vgg.train()
-    assert not random_vgg.training  # stays in eval mode
-
-
-def test_vgg_layout_loads_torchvision_weights(tmp_path):
-    """A file laid out as torchvision's vgg19 state dict loads, and the taps equal torchvision's
-    features[:12] outputs at indices 1, 6, 11 on ImageNet-normalised input."""
+def vgg_file(tmp_path_factory):
+    """A random VGG19 in torchvision's file layout (features.N.*), and its full feature stack."""
     from torchvision.models.vgg import cfgs, make_layers
     torch.manual_seed(2)
     features = make_layers(cfgs["E"]).eval()
-    path = tmp_path / "vgg19.pth"
+    path = tmp_path_factory.mktemp("vgg") / "vgg19.pth"
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
-    vgg = feature_ae.load_vgg(str(path), "cpu")
-    images = torch.rand(1, 3, 16, 16) * 2 - 1
-    hidden = ((images + 1) / 2 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) \
-        / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    expected = []
+    return path, features
+
+
+def test_dfc_loss_equals_an_independent_computation(vgg_file):
+    """src/vgg_loss.py: name VGG19's layers, feed RAW [0, 1] images, take relu1_1, relu2_1 and
+    relu3_1 (flattened), sum nn.MSELoss('mean') over them; the whole stack is run here."""
+    path, features = vgg_file
+    names = ["conv1_1", "relu1_1", "conv1_2", "relu1_2", "pool1", "conv2_1", "relu2_1", "conv2_2",
+             "relu2_2", "pool2", "conv3_1", "relu3_1"] + [f"rest{i}" for i in range(len(features) - 12)]
+    torch.manual_seed(3)
+    img_real = torch.rand(2, 3, 32, 32) * 2 - 1  # 32 px: the whole stack pools 5 times
+    img_recon = (img_real + 0.3 * torch.randn_like(img_real)).clamp(-1.5, 1.5)
+
+    def content(images):
+        out, hidden = [], images
+        for name, layer in zip(names, features):
+            hidden = layer(hidden)
+            if name in ("relu1_1", "relu2_1", "relu3_1"):
+                out.append(hidden.reshape(len(images), -1))
+        return out
+
     with torch.no_grad():
-        for index in range(12):
-            hidden = features[index](hidden)
-            if index in (1, 6, 11):
-                expected.append(hidden.clone())
-    for got, want in zip(vgg(images), expected):
-        assert torch.allclose(got, want, atol=1e-5)
+        expected = sum(nn.MSELoss()(a, b) for a, b in zip(content((img_recon + 1) / 2), content((img_real + 1) / 2)))
+        got = feature_ae.loss_dfc(feature_ae.load_vgg(str(path), "cpu"), img_recon, img_real)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_dfc_loss_is_fp32_under_bf16_autocast_and_reaches_only_the_reconstruction(vgg_file):
+    vgg = feature_ae.load_vgg(str(vgg_file[0]), "cpu")
+    torch.manual_seed(4)
+    img_real = torch.rand(2, 3, 16, 16) * 2 - 1
+    img_recon = (img_real + 0.2 * torch.randn_like(img_real)).requires_grad_(True)
+    with torch.no_grad():  # the fp32 reference: relu1_1, relu2_1, relu3_1 of u(x), outside autocast
+        taps = [[], []]
+        for side, hidden in enumerate(((img_recon + 1) / 2, (img_real + 1) / 2)):
+            for index, layer in enumerate(vgg):
+                hidden = layer(hidden)
+                taps[side] += [hidden] if index in (1, 6, 11) else []
+        expected = sum(((a - b) ** 2).mean() for a, b in zip(*taps))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = feature_ae.loss_dfc(vgg, img_recon, img_real)
+    assert under_amp.dtype == torch.float32 and under_amp.item() == pytest.approx(expected.item(), rel=1e-5)
+    under_amp.backward()
+    assert img_recon.grad.abs().sum() > 0 and all(p.grad is None for p in vgg.parameters())
+
+
+def test_train_step_uses_mse_on_unit_images_without_vgg_and_dfc_with(vgg_file):
+    """L_mse on [0, 1] images is a quarter of the [-1, 1] MSE; with a VGG the loss is L_dfc."""
+    torch.manual_seed(5)
+    model = DCAE(16, 8, nef=4).eval()  # eval: BatchNorm uses running stats, so forwards agree
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        recon = model(images)
+    no_amp = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+    stats = feature_ae.train_step(model, optimizer, images, 1.0, None, no_amp)
+    mse = ((recon - images) ** 2).mean() / 4
+    assert stats["loss"].item() == pytest.approx(mse.item(), rel=1e-5) and "dfc" not in stats
+    assert stats["psnr"].item() == pytest.approx(10 * torch.log10(1 / mse).item(), rel=1e-5)
+    vgg = feature_ae.load_vgg(str(vgg_file[0]), "cpu")
+    with torch.no_grad():
+        expected = feature_ae.loss_dfc(vgg, model(images), images)
+    stats = feature_ae.train_step(model, optimizer, images, 1.0, vgg, no_amp)
+    assert stats["loss"].item() == pytest.approx(expected.item(), rel=1e-5) == stats["dfc"].item()
+
+
+def test_missing_vgg_weights_say_how_to_provide_the_file(tmp_path):
+    with pytest.raises(InputError) as err:
+        feature_ae.load_vgg(str(tmp_path / "absent.pth"), "cpu")
+    assert "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth" in str(err.value)
+    assert "by hand" in str(err.value) and "--vgg-weights" in str(err.value)
     torch.save({"classifier.0.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(InputError, match="not torchvision's VGG19"):
         feature_ae.load_vgg(str(tmp_path / "other.pth"), "cpu")
-
-
-def test_missing_vgg_weights_say_what_to_fetch_and_where(tmp_path):
-    with pytest.raises(InputError) as err:
-        feature_ae.load_vgg(str(tmp_path / "absent.pth"), "cpu")
-    message = str(err.value)
-    assert "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth" in message
-    assert str(feature_ae.default_vgg_path().parent) in message and "--vgg-weights" in message
-
-
-def test_cpu_demo_preset_falls_back_to_mse_without_weights_paper_does_not(tmp_path):
-    cpu = torch.device("cpu")
-    missing = str(tmp_path / "absent.pth")
-    args = feature_ae.apply_presets(feature_ae.Args(vgg_weights=missing), cpu)
-    assert args.preset == "cpu-demo" and args.loss == "mse" and args.img_size == 32
-    args = feature_ae.apply_presets(feature_ae.Args(vgg_weights=missing, preset="paper"), cpu)
-    assert args.loss == "dfc" and args.steps == 20000
-    args = feature_ae.apply_presets(feature_ae.Args(arch="pgae", vgg_weights="random"), cpu)
-    assert args.loss == "dfc" and args.img_size == 64
-    args = feature_ae.apply_presets(feature_ae.Args(vgg_weights=missing, loss="dfc"), cpu)
-    assert args.preset == "cpu-demo" and args.loss == "dfc"  # asked for: it will need the file
-
-
-def test_pgae_uses_mse_below_32_px(random_vgg):
-    torch.manual_seed(3)
-    model = AutoEncoder(32, 8, 4, 4, progressive=True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    small = torch.rand(4, 3, 16, 16) * 2 - 1
-    stats = feature_ae.train_step(model, optimizer, small, 1.0, "dfc", None, no_amp)  # no VGG
-    assert "dfc" not in stats and torch.equal(stats["loss"], stats["mse"])
-    large = torch.rand(4, 3, 32, 32) * 2 - 1
-    model.eval()  # BatchNorm on running statistics, so train_step's forward equals this one
-    with torch.no_grad():
-        expected = feature_ae.loss_dfc(random_vgg, model(large, 0.5), large)
-    stats = feature_ae.train_step(model, optimizer, large, 0.5, "dfc", random_vgg, no_amp)
-    assert torch.equal(stats["loss"], stats["dfc"])
-    assert stats["dfc"].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert stats["psnr"].item() == pytest.approx(10 * torch.log10(4 / stats["mse"]).item())
-    assert not feature_ae.uses_dfc("mse", 64) and feature_ae.uses_dfc("dfc", 32)
 
 
 # ------------------------------------------------------------------------------------------------
 # Attribute vectors
 # ------------------------------------------------------------------------------------------------
 def test_attribute_vectors_on_a_toy_encoder():
-    """Images of one grey level each; the toy encoder returns (mean pixel, 2·mean pixel), so
-    v_a = mean code with a − mean code without a, computed by hand."""
+    """Images of one grey level each; the encoder returns (mean pixel, 2·mean pixel)."""
     values = torch.tensor([0, 40, 80, 120, 160, 200, 240, 255])
     images = values.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).to(torch.uint8).contiguous()
     labels = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 1], [1, 0], [0, 0], [0, 1], [1, 1]]).float()
     encode = lambda x: torch.stack([x.mean((1, 2, 3)), 2 * x.mean((1, 2, 3))], 1)  # noqa: E731
     vectors, counts = feature_ae.attribute_vectors(encode, images, labels, max_per_side=1000)
-    levels = values.float() / 127.5 - 1  # what common.to_float makes of them
+    levels = values.float() / 127.5 - 1
     for a in range(2):
         on, off = labels[:, a] > 0.5, labels[:, a] < 0.5
         diff = levels[on].mean() - levels[off].mean()
         assert torch.allclose(vectors[a], torch.stack([diff, 2 * diff]), atol=1e-6)
         assert counts[a].tolist() == [int(on.sum()), int(off.sum())]
-    capped, counts = feature_ae.attribute_vectors(encode, images, labels, max_per_side=2)
-    assert counts.tolist() == [[2, 2], [2, 2]]
-    # an attribute nobody has gets a zero vector
+    assert feature_ae.attribute_vectors(encode, images, labels, max_per_side=2)[1].tolist() == [[2, 2], [2, 2]]
     vectors, counts = feature_ae.attribute_vectors(encode, images, torch.zeros(8, 1))
     assert counts.tolist() == [[0, 8]] and vectors.abs().sum() == 0
 
 
 def test_edit_codes_adds_and_removes_vectors():
-    z = torch.zeros(2, 3)
     vectors = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
-    src = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
-    tgt = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
-    edited = feature_ae.edit_codes(z, vectors, src, tgt, 1.5)
-    assert edited.tolist() == [[1.5, -1.5, 0.0], [0.0, 0.0, 0.0]]
-
-
-def test_lerp_frames_go_from_start_to_end():
-    model = AutoEncoder(16, 4, 4, 4).eval()
-    z_start, z_end = torch.zeros(1, 4), torch.ones(1, 4)
-    frames = feature_ae.lerp_frames(model, z_start, z_end, 5, 16, 1.0)
-    assert frames.shape == (5, 3, 16, 16)
-    with torch.no_grad():
-        assert torch.allclose(frames[0], model.decode(z_start, 16)[0], atol=1e-5)
-        assert torch.allclose(frames[-1], model.decode(z_end, 16)[0], atol=1e-5)
+    src, tgt = torch.tensor([[0.0, 1.0], [1.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert feature_ae.edit_codes(torch.zeros(2, 3), vectors, src, tgt).tolist() == [[1.5, -1.5, 0.0], [0.0] * 3]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,117 +254,182 @@ def test_lerp_frames_go_from_start_to_end():
 def smoke_run(tmp_path_factory, face_attr_cache):
     """`python feature_ae.py --smoke --arch pgae` through the command line (8 -> 16 -> 32 px)."""
     out = tmp_path_factory.mktemp("fae_smoke")
-    env = dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "feature_ae.py"), "--smoke", "--arch", "pgae",
-                           "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = run_cli(dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache)), "--smoke", "--arch", "pgae", "--out", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
-
-
-def run_cli(cache_env, *args):
-    env = dict(cache_env, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "feature_ae.py"), *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_smoke_run_writes_checkpoint_metrics_and_samples(smoke_run):
     out, stdout = smoke_run
     state = torch.load(out / "ckpt.pt", weights_only=True)
-    assert {"model", "optimizer", "step", "phase", "config", "attr_names", "rng"} <= set(state)
-    assert state["step"] == 6 and state["config"]["arch"] == "pgae"
-    assert state["phase"] == {"size": 32, "alpha": 0.5}  # step 5: 32 px fading in, α = 1/2
-    assert state["attr_names"] == feature_ae.default_attrs("demo:16")
-    assert state["optimizer"]["state"]
+    assert state["script"] == "feature_ae.py" and state["step"] == 6 and state["config"]["arch"] == "pgae"
+    assert state["phase"] == {"size": 32, "alpha": 1.0} and state["schedule"] == {"steps": 6, "phase_steps": 2}
+    assert state["config"]["img_size"] == 32 and state["optimizer"]["state"]
     records = common.read_jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == [2, 4, 6]
-    assert [r["res"] for r in records] == [16, 16, 32]
-    assert "dfc" in records[2] and "dfc" not in records[0]  # the feature loss only at 32 px
-    assert all(r["psnr"] > 0 and r["mse"] > 0 for r in records)
-    assert "warning: --vgg-weights random" in stdout and "step 6/6" in stdout and "ETA" in stdout
-    for step, size in ((3, 16), (6, 32)):
+    assert [(r["step"], r["res"], r["alpha"]) for r in records] == [(2, 8, 1.0), (4, 16, 1.0), (6, 32, 1.0)]
+    assert "dfc" in records[2] and "dfc" not in records[1]  # the feature loss only from 32 px
+    assert "warning: --vgg-weights random" in stdout and "step 6/6" in stdout
+    for step in (3, 6):  # 8 rows x (input, recon, ± 6 demo attributes) = 14 columns, >= 96 px each
         with Image.open(out / "samples" / f"step_{step:06d}.png") as grid:
-            # 8 rows x (input, recon, ± 6 attributes) = 14 columns, shown at >= 96 px each
             assert grid.width > 14 * 96 and grid.height > 8 * 96
-    assert (out / "losses.png").is_file() and not (out / "ckpt.pt.tmp").exists()
+    assert (out / "losses.png").is_file() and not list(out.glob("*.tmp"))
+
+
+def test_training_loads_the_whole_frame_and_default_steps_are_one_epoch(tmp_path, monkeypatch):
+    """crop None (the original squashes the 178x218 frame); --steps 0 = len(train) // batch."""
+    crops, load = [], common.load_celeba
+    monkeypatch.setattr(common, "load_celeba", lambda *a, **k: crops.append(a[4]) or load(*a, **k))
+    feature_ae.main(["--smoke", "--loss", "mse", "--steps", "0", "--batch-size", "64", "--out", str(tmp_path)])
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    train_images = len(load("demo:16", [], "train", 32, None, verbose=False).images)
+    assert state["step"] == train_images // 64 and set(crops) == {None}
 
 
 def test_resume_across_a_pgae_phase_change_equals_a_straight_run(tmp_path):
-    """2 steps (8 px, then 16 px fading in), resume to 4 (16 px α 0.5, then stable): identical to
-    4 steps straight, parameters, BatchNorm buffers and Adam moments."""
+    """2 steps at 8 px, then resume into the 16 px fade: identical to 4 steps straight."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common_args = ["--smoke", "--arch", "pgae", "--sample-every", "100"]
-    feature_ae.main([*common_args, "--steps", "4", "--out", str(straight)])
-    feature_ae.main([*common_args, "--steps", "2", "--out", str(split)])
-    assert torch.load(split / "ckpt.pt", weights_only=True)["phase"] == {"size": 16, "alpha": 0.0}
-    feature_ae.main([*common_args, "--steps", "4", "--out", str(split), "--resume"])
-    a = torch.load(straight / "ckpt.pt", weights_only=True)
-    b = torch.load(split / "ckpt.pt", weights_only=True)
+    args = ["--smoke", "--arch", "pgae", "--img-size", "16", "--sample-every", "100"]
+    feature_ae.main([*args, "--steps", "4", "--out", str(straight)])
+    feature_ae.main([*args, "--steps", "2", "--out", str(split)])
+    assert torch.load(split / "ckpt.pt", weights_only=True)["phase"] == {"size": 8, "alpha": 1.0}
+    feature_ae.main([*args, "--steps", "4", "--out", str(split), "--resume"])
+    a, b = (torch.load(p / "ckpt.pt", weights_only=True) for p in (straight, split))
     assert a["step"] == b["step"] == 4 and a["phase"] == b["phase"] == {"size": 16, "alpha": 1.0}
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), f"{key} differs after resume"
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for index, moments in a["optimizer"]["state"].items():
-        assert torch.equal(moments["exp_avg"], b["optimizer"]["state"][index]["exp_avg"])
+        assert torch.equal(moments["exp_avg_sq"], b["optimizer"]["state"][index]["exp_avg_sq"])
     assert [r["step"] for r in common.read_jsonl(split / "metrics.jsonl")] == [2, 4]
+    with pytest.raises(InputError, match="arch='pgae'.*arch='dcae'"):
+        feature_ae.main(["--smoke", "--img-size", "16", "--out", str(split), "--resume"])
 
 
-def test_resume_with_another_architecture_is_refused(smoke_run):
+def test_help_of_the_script_and_its_sub_command(cache_env):
+    for args, words in ((["--help"], ["--arch", "--phase-steps", "--vgg-weights"]),
+                        (["show", "--help"], ["--ckpt", "--frames", "--image"])):
+        proc = run_cli(cache_env, *args)
+        assert proc.returncode == 0 and all(w in proc.stdout for w in words), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--batch-size", "-2"], "--batch-size -2"), (["--lr", "-1"], "--lr -1"), (["--lr", "0"], "--lr 0"),
+    (["--log-every", "0"], "--log-every 0"), (["--steps", "-3"], "--steps -3"),
+    (["--ckpt-every", "0"], "--ckpt-every 0"), (["--arch", "vae"], "--arch 'vae'"),
+    (["--arch", "pgae", "--img-size", "48"], "--img-size 48"), (["--lr", "nan"], "--lr nan")])
+def test_out_of_range_arguments_are_refused_before_any_data_is_read(argv, message, tmp_path):
+    with pytest.raises(InputError) as err:  # a missing --data folder would fail later, differently
+        feature_ae.main([*argv, "--data", str(tmp_path / "no_such_folder"), "--out", str(tmp_path)])
+    assert message in str(err.value)
+
+
+def test_presets_keep_typed_arguments_and_fall_back_to_mse_only_on_cpu_demo(tmp_path):
+    cpu, missing = torch.device("cpu"), str(tmp_path / "absent.pth")
+
+    def configure(*argv):
+        return feature_ae.configure(feature_ae.parse_dataclass(feature_ae.Args, list(argv)), cpu)
+
+    args = configure("--smoke", "--arch", "pgae", "--img-size", "64")
+    assert args.img_size == 64 and args.batch_size == 8  # typed: kept; not typed: the preset's
+    args = configure("--vgg-weights", missing)
+    assert (args.preset, args.loss, args.img_size, args.steps, args.batch_size) == ("cpu-demo", "mse", 32, 1500, 64)
+    assert configure("--arch", "pgae", "--vgg-weights", missing).steps == 900  # cpu-demo: 6 phases of 150
+    args = configure("--vgg-weights", missing, "--preset", "paper")
+    assert (args.loss, args.batch_size, args.steps) == ("dfc", 256, 0)  # the original: batch 256, 1 epoch
+    args = configure("--arch", "pgae", "--preset", "paper")
+    assert (args.img_size, args.batch_size, args.phase_steps) == (64, 128, 0)
+    assert configure("--vgg-weights", missing, "--loss", "dfc").loss == "dfc"  # typed: it will need the file
+    assert configure("--attrs", "smiling", "male").attrs == ["Smiling", "Male"]
+
+
+def test_a_second_run_into_a_run_folder_is_refused_and_changes_nothing(smoke_run):
     out, _ = smoke_run
-    with pytest.raises(InputError, match="arch='pgae'.*arch='dcae'"):  # checkpoint pgae, run dcae
-        feature_ae.main(["--smoke", "--out", str(out), "--resume"])
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    with pytest.raises(InputError, match="holds a run"):
+        feature_ae.main(["--smoke", "--arch", "pgae", "--out", str(out)])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
-def test_missing_vgg_weights_stop_training_with_one_line(cache_env, tmp_path):
-    proc = run_cli(cache_env, "--smoke", "--out", tmp_path, "--vgg-weights", tmp_path / "no.pth")
-    assert proc.returncode == 1
-    message = proc.stderr.strip().splitlines()[-1]
-    assert message.startswith("error:") and "vgg19-dcbb9e9d.pth" in message
-    assert "Traceback" not in proc.stderr and not (tmp_path / "ckpt.pt").exists()
+def test_foreign_checkpoints_are_refused_in_one_line(tmp_path, cache_env, smoke_run):
+    torch.save({"script": "attgan.py", "model": {}}, tmp_path / "attgan.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for path, writer in ((tmp_path / "attgan.pt", "attgan.py"), (tmp_path / "tensor.pt", "not a checkpoint")):
+        with pytest.raises(InputError, match=f"expected a checkpoint written by feature_ae.py, found {writer}"):
+            feature_ae.load(path)
+    proc = run_cli(cache_env, "show", "--ckpt", tmp_path / "attgan.pt")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "attgan.py" in proc.stderr
+    with pytest.raises(InputError, match="--frames 1"):
+        feature_ae.main(["show", "--ckpt", str(smoke_run[0] / "ckpt.pt"), "--frames", "1"])
 
 
-def test_vectors_grid_lerp_and_morph(smoke_run, cache_env, tmp_path):
+def test_a_diverging_run_stops_non_zero_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """A BatchNorm variance that becomes inf while the loss is finite (seen in this method) stops
+    the run at the next log step, before the checkpoint, which stays the one of step 2."""
+    feature_ae.main(["--smoke", "--loss", "mse", "--steps", "2", "--out", str(tmp_path)])
+    good = (tmp_path / "ckpt.pt").read_bytes()
+    real_step = feature_ae.train_step
+
+    def overflowing_step(model, *args):
+        stats = real_step(model, *args)
+        model.encoder[2].running_var.fill_(float("inf"))  # the loss stays finite
+        return stats
+
+    monkeypatch.setattr(feature_ae, "train_step", overflowing_step)
+    with pytest.raises(FloatingPointError, match="step 3: non-finite weights"):
+        feature_ae.main(["--smoke", "--loss", "mse", "--steps", "6", "--out", str(tmp_path), "--resume"])
+    assert (tmp_path / "ckpt.pt").read_bytes() == good
+
+
+# ------------------------------------------------------------------------------------------------
+# vectors.pt and the evaluation adapter
+# ------------------------------------------------------------------------------------------------
+def reference_vectors(model_ns):
+    """v_a by the plain mean difference over the whole training split (demo:16 has fewer than
+    1000 images per side, so the 1000-per-side cap does not apply)."""
+    config = model_ns.config
+    faces = common.load_celeba(config["data"], model_ns.attr_names, "train", config["img_size"], None, verbose=False)
+    with torch.no_grad():
+        codes = model_ns.model.encode(F.adaptive_avg_pool2d(common.to_float(faces.images), model_ns.size), model_ns.alpha)
+    return torch.stack([codes[faces.labels[:, a] > 0.5].mean(0) - codes[faces.labels[:, a] < 0.5].mean(0)
+                        for a in range(len(model_ns.attr_names))])
+
+
+def test_show_writes_the_grid_and_20_frame_256_px_gifs(smoke_run, tmp_path):
     out, _ = smoke_run
-    ckpt = out / "ckpt.pt"
-    feature_ae.main(["vectors", "--ckpt", str(ckpt), "--max-per-side", "50", "--device", "cpu"])
-    saved = torch.load(out / "vectors.pt", weights_only=True)
-    assert saved["attr_names"] == feature_ae.default_attrs("demo:16") and saved["step"] == 6
-    for name in saved["attr_names"]:
-        assert saved["vectors"][name].shape == (16,)  # smoke z_size
-        assert all(0 < n <= 50 for n in saved["counts"][name])
-
-    feature_ae.main(["grid", "--ckpt", str(ckpt), "--count", "3", "--attrs", "Smiling", "Male",
-                     "--out", str(tmp_path / "grid.png"), "--device", "cpu"])
-    with Image.open(tmp_path / "grid.png") as grid:  # 3 rows x 6 columns at 32 px (shown x3)
-        assert grid.width > 6 * 96 and grid.height > 3 * 96 and grid.width > grid.height
-
-    # A large strength so that consecutive frames differ (Pillow merges identical ones).
-    proc = run_cli(cache_env, "lerp", "--ckpt", ckpt, "--attr", "smiling", "--frames", 6,
-                   "--strength", 400, "--out", tmp_path, "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    feature_ae.main(["show", "--ckpt", str(out / "ckpt.pt"), "--count", "3", "--attrs", "Smiling",
+                     "--out", str(tmp_path), "--device", "cpu"])
+    with Image.open(tmp_path / "grid.png") as grid:  # 3 rows x 4 columns at 32 px, shown x3
+        assert grid.width > 4 * 96 and grid.height > 3 * 96
     for word in ("add", "remove"):
         with Image.open(tmp_path / f"lerp_Smiling_{word}.gif") as gif:
-            assert gif.n_frames == 6 and gif.size == (32 * 4, 32 * 4)
-    proc = run_cli(cache_env, "morph", "--ckpt", ckpt, "--index-a", 0, "--index-b", 5,
-                   "--frames", 5, "--scale", 2, "--out", tmp_path / "morph.gif", "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    with Image.open(tmp_path / "morph.gif") as gif:
-        assert gif.n_frames == 5 and gif.size == (64, 64)
-    with pytest.raises(InputError, match="--frames 1"):
-        feature_ae.main(["morph", "--ckpt", str(ckpt), "--frames", "1", "--device", "cpu"])
+            assert gif.size == (256, 256) and 1 < gif.n_frames <= 20  # Pillow merges equal frames
 
 
-def test_load_for_eval(smoke_run):
-    out, _ = smoke_run
-    model = feature_ae.load_for_eval(out / "ckpt.pt")
-    assert model.img_size == 32 and model.generate is None
-    images = torch.rand(3, 3, 32, 32) * 2 - 1
-    recon = model.reconstruct(images)
-    assert recon.shape == (3, 3, 32, 32) and recon.abs().max() <= 1
-    assert model.encode(images)["z"].shape == (3, 16)
-    attrs = torch.zeros(3, len(model.attr_names))
-    assert torch.allclose(model.edit(images, attrs, attrs), recon, atol=1e-6)  # no change asked
-    target = attrs.clone()
-    target[:, 0] = 1
-    edited = model.edit(images, attrs, target)
-    assert edited.shape == (3, 3, 32, 32) and not torch.allclose(edited, recon)
+def test_adapter_edits_with_the_vectors_of_exactly_these_weights(tmp_path, face_attr_cache):
+    """The bug: vectors.pt was reused whenever its step matched. Here run B's checkpoint (same step,
+    another seed) replaces run A's beside A's vectors.pt: the edit must use B's own vectors."""
+    runs = {}
+    for seed in (0, 1):
+        runs[seed] = tmp_path / f"seed{seed}"
+        feature_ae.main(["--smoke", "--loss", "mse", "--steps", "4", "--seed", str(seed), "--out", str(runs[seed])])
+    model_a = adapter.load(runs[0] / "ckpt.pt")
+    images = common.to_float(common.load_celeba("demo:16", model_a.attr_names, "test", 32, None, verbose=False).images[:4])
+    src = torch.zeros(4, len(model_a.attr_names))
+    tgt = src.clone()
+    tgt[:, 0] = 1
+    model_a.edit(images, src, tgt)  # computes A's vectors and writes seed0/vectors.pt
+    stale = torch.load(runs[0] / "vectors.pt", weights_only=True)
+    assert stale["step"] == 4
+    (runs[0] / "ckpt.pt").write_bytes((runs[1] / "ckpt.pt").read_bytes())  # B into A's folder
+    model_b, trained_b = adapter.load(runs[0] / "ckpt.pt"), feature_ae.load(runs[0] / "ckpt.pt")
+    vectors = reference_vectors(trained_b)
+    assert (vectors[0] - stale["vectors"][model_a.attr_names[0]]).abs().max() > 1e-3  # they differ
+    with torch.no_grad():
+        z = trained_b.model.encode(images, 1.0) + 1.5 * vectors[0]
+        expected = trained_b.model.decode(z, 32, 1.0).clamp(-1, 1)
+    assert torch.allclose(model_b.edit(images, src, tgt), expected, atol=1e-4)
+    assert torch.allclose(model_b.edit(images, src, src), model_b.reconstruct(images), atol=1e-6)
+    assert model_b.crop is None and model_b.generate is None and model_b.img_size == 32
+    assert model_b.encode(images)["z"].shape == (4, 16)
+    saved = torch.load(runs[0] / "vectors.pt", weights_only=True)
+    assert saved["weights_hash"] == trained_b.weights_hash != stale["weights_hash"]
