@@ -1,221 +1,368 @@
-"""Tests for dual_transfer.py: pair building, the missing-identity error, module shapes, each loss
-term on a toy case, the frozen classifier, both stages through the command line, exact resume."""
+"""Tests for dual_transfer.py: the original's networks (shapes, U-Net shortcuts, the classifier's
+parameter count by hand), its preprocessing, each loss on known values, one stage-2 step against
+a reference computation, the classifier-reuse key (the bug), the command line (help, argument
+checks, foreign checkpoints, both stages, edit), exact resume, and the evaluation adapter."""
 import json
 import shutil
+import subprocess
+import sys
 
+import numpy
 import pytest
 import torch
 from PIL import Image
 
 import common
 import dual_transfer as dt
+from conftest import ROOT
 
 torch.set_num_threads(1)
 
 
-def smoke_config(**changes):
-    """The --smoke configuration as a config dict and an Args."""
-    args = dt.Args(**{k: v for k, v in dt.SMOKE.items()})
-    config = dict(vars(args), **changes)
-    return config, dt.Args(**config)
+def smoke_args(**changes):
+    return dt.Args(**{**dt.PRESETS["smoke"], **changes})
 
 
 # ------------------------------------------------------------------------------------------------
-# Pairs
+# The original's networks (model.py)
 # ------------------------------------------------------------------------------------------------
-def test_pairs_share_identity_differ_in_attributes_and_cover_all_such_pairs():
-    identities = torch.tensor([7, 3, 7, 3, 7, 9, 3])
-    labels = torch.tensor([[1.], [0.], [0.], [0.], [1.], [1.], [1.]])
-    pairs = common.identity_pairs(identities, labels)
-    # identity 7: images 0, 2, 4 (labels 1, 0, 1) -> (0, 2), (2, 4); identity 3: images 1, 3, 6
-    # (0, 0, 1) -> (1, 6), (3, 6); identity 9 has one image: no pair
-    assert sorted(map(tuple, pairs.tolist())) == [(0, 2), (1, 6), (2, 4), (3, 6)]
-    assert (identities[pairs[:, 0]] == identities[pairs[:, 1]]).all()
-    assert (labels[pairs[:, 0]] != labels[pairs[:, 1]]).any(1).all()
+def test_classifier_has_the_originals_layers_and_parameter_count():
+    classifier = dt.Classifier(num_attrs=1)  # defaults: 128 px, 5 layers, 64 ... 1024, FC 1024
+    widths = [3, 64, 128, 256, 512, 1024]
+    # each block: conv 4x4 weights + bias, BatchNorm weight + bias
+    convs = sum(c_in * c_out * 16 + c_out + 2 * c_out for c_in, c_out in zip(widths, widths[1:]))
+    fc = (1024 * 4 * 4) * 1024 + 1024 + 1024 * 1 + 1
+    assert convs + fc == 27_929_409  # the hand computation itself: 11,150,144 + 16,779,265
+    assert sum(p.numel() for p in classifier.parameters()) == convs + fc
+    kinds = [type(m) for m in classifier.blocks if isinstance(m, torch.nn.Sequential)]
+    assert len(kinds) == 5
+    for block, (c_in, c_out) in zip(classifier.blocks, zip(widths, widths[1:])):
+        conv = block[0]
+        assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride) == \
+            (c_in, c_out, (4, 4), (2, 2))
+        assert isinstance(block[1], torch.nn.BatchNorm2d) and isinstance(block[2], torch.nn.ReLU)
+    assert classifier.fc1.in_features == 16384 and classifier.fc1.out_features == 1024
 
 
-def test_pair_batch_returns_the_two_images_of_each_pair():
-    images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 3, 2, 2).contiguous()
-    labels = torch.tensor([[0.], [1.], [0.], [1.], [0.], [1.]])
-    data = common.FaceData(images=images, labels=labels, attr_names=["Eyeglasses"], files=[],
-                           identities=torch.tensor([1, 1, 2, 2, 3, 3]), landmarks=None, root=None,
-                           layout="test", split="train", img_size=(2, 2))
-    pairs = common.identity_pairs(data.identities, data.labels)
-    img_1, img_2, attr_1, attr_2 = dt.pair_batch(data, pairs, step=0, batch_size=3, seed=0,
-                                                 device="cpu")
-    first = common.to_uint8(img_1)[:, 0, 0, 0].tolist()
-    second = common.to_uint8(img_2)[:, 0, 0, 0].tolist()
-    assert sorted(zip(first, second)) == [(0, 1), (2, 3), (4, 5)]
-    assert torch.equal(attr_1, labels[first]) and torch.equal(attr_2, labels[second])
+def test_encoder_features_and_decoder_shapes_at_128_px():
+    encoder = dt.Encoder(n_layers=5, dim=4)
+    feats = encoder(torch.rand(2, 3, 128, 128))
+    assert [tuple(f.shape) for f in feats] == [(2, 4 * 2 ** k, 64 >> k, 64 >> k) for k in range(5)]
+    decoder = dt.Decoder(num_attrs=2, n_layers=5, dim=4, shortcut_layers=3)
+    out = decoder(feats, torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    assert out.shape == (2, 3, 128, 128) and 0 <= out.min() and out.max() <= 1  # sigmoid
+    # the original decoder's parameters: deconvs 4x4 with bias + BatchNorm; 1024 + A in; no concat
+    chans = [4 * 16 + 2, 4 * 8, 4 * 4, 4 * 2, 4, 3]
+    expected = sum(a * b * 16 + b + 2 * b for a, b in zip(chans, chans[1:]))
+    assert sum(p.numel() for p in decoder.parameters()) == expected
 
 
-def test_missing_identity_file_names_it(tmp_path, run_script):
-    root = common.demo_root("demo:16")
-    copy = tmp_path / "no_ids"
-    shutil.copytree(root, copy)
-    (copy / "identity_CelebA.txt").unlink()
-    proc = run_script("dual_transfer.py", "--smoke", "--data", copy, "--out", tmp_path / "out",
-                      check=False)
-    assert proc.returncode != 0
-    assert "identity_CelebA.txt" in proc.stderr and "Anno" in proc.stderr
-    assert "Traceback" not in proc.stderr
-
-
-# ------------------------------------------------------------------------------------------------
-# Shapes
-# ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("size,layers", [(32, 3), (64, 4), (128, 5)])
-def test_module_shapes(size, layers):
-    num_attrs, batch, latent = 2, 3, 16
-    encoder = dt.Encoder(layers, dim=4, max_dim=32, latent_dim=latent)
-    decoder = dt.Decoder(num_attrs, layers, dim=4, max_dim=32, latent_dim=latent)
-    classifier = dt.Classifier(num_attrs, size, layers, dim=4, max_dim=32)
-    images = torch.rand(batch, 3, size, size) * 2 - 1
-    z = encoder(images)
-    assert z.shape == (batch, latent, size // 2 ** layers, size // 2 ** layers)
-    out = decoder(z, dt.signed(torch.tensor([[0., 1.], [1., 1.], [0., 0.]])))
-    assert out.shape == images.shape and out.abs().max() <= 1
-    assert classifier(images).shape == (batch, num_attrs)
-
-
-def test_code_is_normalised_so_latent_loss_cannot_shrink_it():
-    """E's last layer is an affine-free BatchNorm: per channel, zero mean and unit variance over
-    the batch whatever the weights, so scaling the weights down leaves z unchanged."""
-    encoder = dt.Encoder(3, dim=4, max_dim=16, latent_dim=8)
-    images = torch.rand(6, 3, 32, 32) * 2 - 1
-    z = encoder(images)
-    assert z.mean((0, 2, 3)).abs().max() < 1e-5
-    assert torch.allclose(z.var((0, 2, 3), unbiased=False), torch.ones(8), atol=1e-3)
-    with torch.no_grad():
-        encoder.to_code[0].weight.mul_(0.5)
-    assert torch.allclose(encoder(images), z, atol=1e-3)
-
-
-# ------------------------------------------------------------------------------------------------
-# Losses
-# ------------------------------------------------------------------------------------------------
-def test_loss_terms_on_toy_cases():
-    target = torch.zeros(2, 3, 4, 4)
-    assert dt.loss_rec(target, target).item() == 0
-    assert dt.loss_rec(target + 0.5, target).item() == pytest.approx(0.25 + 0.5)  # MSE + L1
-    assert dt.loss_lat(torch.ones(2, 3, 2, 2), torch.full((2, 3, 2, 2), -1.0)).item() == 2.0
-    logits, labels = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.0]])
-    assert dt.loss_cls(logits, labels).item() == pytest.approx(0.693147, rel=1e-5)  # log 2
-    weighted = dt.loss_cls(logits, labels, pos_weight=torch.tensor([3.0, 3.0]))
-    assert weighted.item() == pytest.approx((3 + 1) / 2 * 0.693147, rel=1e-5)
-    assert dt.psnr(target, target + 0.2).tolist() == pytest.approx([20.0, 20.0], rel=1e-5)  # 4/0.04
-
-
-def test_positive_weights_balance_a_rare_label():
-    labels = torch.tensor([[1.0, 1.0]] + [[0.0, 1.0]] * 9)  # 1 of 10 vs 10 of 10
-    assert dt.positive_weights(labels).tolist() == [9.0, 1.0]
-
-
-# ------------------------------------------------------------------------------------------------
-# Stage 2: the classifier stays frozen, E and Dec learn
-# ------------------------------------------------------------------------------------------------
-def test_dual_step_updates_encoder_and_decoder_but_not_the_frozen_classifier():
-    config, args = smoke_config()
+@pytest.mark.parametrize("shortcut_layers", [0, 1, 3])
+def test_decoder_adds_exactly_the_first_shortcut_layers_encoder_maps(shortcut_layers):
+    """Dec block i < shortcut_layers adds E's feature map feats[-2 - i]; the others are unused."""
     torch.manual_seed(0)
-    encoder, decoder, classifier = dt.build_models(config, 1)
-    dt.freeze(classifier)
-    classifier_before = {k: v.clone() for k, v in classifier.state_dict().items()}
-    decoder_before = [p.detach().clone() for p in decoder.parameters()]
-    optimizer = dt.make_optimizer([*encoder.parameters(), *decoder.parameters()], args)
-    img_1, img_2 = torch.rand(2, 4, 3, 32, 32) * 2 - 1
+    decoder = dt.Decoder(num_attrs=1, n_layers=5, dim=2, shortcut_layers=shortcut_layers).eval()
+    feats = dt.Encoder(n_layers=5, dim=2).eval()(torch.rand(2, 3, 64, 64))
+    attrs = torch.ones(2, 1)
+    base = decoder(feats, attrs)
+    used = []
+    for k in range(5):
+        changed = [f.clone() for f in feats]
+        changed[k] = changed[k] + 1.0
+        used.append(not torch.allclose(decoder(changed, attrs), base))
+    # feats[4] is the bottleneck (always used); block i reads feats[3 - i]
+    assert used == [3 - k < shortcut_layers for k in range(4)] + [True]
+
+
+def test_init_follows_the_originals_weight_init():
+    torch.manual_seed(0)
+    classifier = dt.Classifier(1, img_size=32, n_layers=2, dim=64, fc=256)
+    conv = classifier.blocks[1][0]  # 64 -> 128, Kaiming normal, fan_out = 128 * 16
+    assert conv.weight.std().item() == pytest.approx((2 / (128 * 16)) ** 0.5, rel=0.05)
+    fc1 = classifier.fc1  # Xavier normal: std = sqrt(2 / (fan_in + fan_out))
+    assert fc1.weight.std().item() == pytest.approx((2 / (fc1.in_features + 256)) ** 0.5, rel=0.05)
+    assert torch.equal(classifier.blocks[0][1].weight, torch.ones(64))
+
+
+# ------------------------------------------------------------------------------------------------
+# Preprocessing (celebA.py + main.py): full frame resized to a square, [0, 1]
+# ------------------------------------------------------------------------------------------------
+def test_defaults_are_the_originals_and_images_are_the_full_frame_in_0_1():
+    args = dt.Args()
+    assert (args.img_size, args.crop, args.n_layers, args.dim, args.shortcut_layers) == \
+        (128, 0, 5, 64, 1)
+    assert (args.lambda_lat, args.lambda_self, args.lambda_cls, args.lambda_cross, args.lr,
+            args.weight_decay) == (1.0, 1.0, 0.1, 0.0, 1e-5, 1e-3)
+    data, _, pairs, _ = dt.prepare(smoke_args())  # 32 px, crop 0
+    with Image.open(data.root / "img_align_celeba" / data.files[0]) as photo:
+        assert photo.size == (178, 218)
+        full = photo.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC)
+        cropped = photo.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC,
+                                              box=(4, 24, 174, 194))  # a 170 centre crop
+    error = {name: (data.images[0].float() - torch.from_numpy(numpy.asarray(picture).copy())
+                    .permute(2, 0, 1).float()).abs().mean().item()
+             for name, picture in (("full", full), ("cropped", cropped))}
+    assert error["full"] < 1.5 and error["cropped"] > 8  # the whole frame (JPEG draft: not exact)
+    chosen = pairs[:4]
+    img_1, img_2, _, _ = dt.pair_tensors(data, chosen, "cpu")
+    assert torch.allclose(img_1, data.images[chosen[:, 0]].float() / 255, atol=1e-6)
+    assert torch.allclose(img_2, data.images[chosen[:, 1]].float() / 255, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses (model_loss.py) and one stage-2 step
+# ------------------------------------------------------------------------------------------------
+def test_losses_on_known_values():
+    target = torch.zeros(2, 3, 4, 4)
+    assert dt.loss_recon(target + 0.5, target).item() == pytest.approx(0.25 + 0.5)  # MSE + L1
+    early, late = torch.zeros(1, 2, 4, 4), torch.ones(1, 2, 2, 2)
+    assert dt.loss_lat([early, late], [early + 5, late]).item() == 0.0  # the bottleneck only
+    assert dt.loss_lat([early, late], [early, late - 3]).item() == 3.0
+    logits, labels = torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 0.0]])
+    bce = (0.693147 + 2.126928) / 2  # -log(1/2), -log(1 - sigmoid(2))
+    assert dt.loss_cls(logits, labels).item() == pytest.approx(bce, rel=1e-5)
+    assert dt.loss_cls(logits, labels, torch.tensor([3.0, 3.0])).item() == \
+        pytest.approx((3 * 0.693147 + 2.126928) / 2, rel=1e-5)
+    assert dt.psnr(target, target + 0.1).tolist() == pytest.approx([20.0, 20.0], rel=1e-5)
+
+
+def test_dual_step_matches_a_reference_and_leaves_the_frozen_classifier_alone():
+    args = smoke_args(lambda_lat=0.3, lambda_self=0.7, lambda_cls=0.2, lambda_cross=0.5)
+    torch.manual_seed(0)
+    encoder, decoder, classifier = dt.build_models(vars(args), 1)
+    classifier.eval().requires_grad_(False)
+    torch.manual_seed(1)
+    img_1, img_2 = torch.rand(4, 3, 32, 32) * 0.5, 0.5 + torch.rand(4, 3, 32, 32) * 0.5  # apart
     attr_1, attr_2 = torch.tensor([[0.], [1.], [0.], [1.]]), torch.tensor([[1.], [0.], [1.], [0.]])
+    with torch.no_grad():  # reference, written out term by term (train-mode BN, one pass each)
+        f1, f2 = encoder(img_1), encoder(img_2)
+        rec = lambda a, b: ((a - b) ** 2).mean() + (a - b).abs().mean()  # noqa: E731
+        bce = torch.nn.functional.binary_cross_entropy
+        x21, x12 = decoder(f2, attr_1), decoder(f1, attr_2)
+        reference = (0.3 * (f1[-1] - f2[-1]).abs().mean()
+                     + 0.7 * (rec(decoder(f1, attr_1), img_1) + rec(decoder(f2, attr_2), img_2))
+                     + 0.2 * (bce(torch.sigmoid(classifier(x21)), attr_1)
+                              + bce(torch.sigmoid(classifier(x12)), attr_2))
+                     + 0.5 * (rec(x21, img_1) + rec(x12, img_2)))
+    frozen = {k: v.clone() for k, v in classifier.state_dict().items()}
+    before = [p.detach().clone() for p in [*encoder.parameters(), *decoder.parameters()]]
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
     stats = dt.dual_step([encoder, decoder, classifier], optimizer, img_1, img_2, attr_1, attr_2,
                          args, lambda: dt.autocast(torch.device("cpu"), False))
-    assert set(stats) == {"loss", "rec", "cls", "lat", "transfer_acc", "self"}
-    expected = (args.lambda_rec * stats["rec"] + args.lambda_cls * stats["cls"]
-                + args.lambda_lat * stats["lat"] + args.lambda_self * stats["self"])
-    assert stats["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
-    for key, value in classifier.state_dict().items():  # weights AND BatchNorm running stats
-        assert torch.equal(value, classifier_before[key]), key
-    assert all(p.grad is None for p in classifier.parameters())
-    assert any(not torch.equal(p, q) for p, q in zip(decoder.parameters(), decoder_before))
+    assert stats["loss"] == pytest.approx(reference.item(), rel=2e-4)
+    for key, value in classifier.state_dict().items():  # weights AND BatchNorm running statistics
+        assert torch.equal(value, frozen[key]), key
+    after = [*encoder.parameters(), *decoder.parameters()]
+    assert all(not torch.equal(p, q) for p, q in zip(before, after) if p.dim() > 1)
 
 
-def test_classifier_errors_reach_the_decoder_through_the_frozen_classifier():
-    config, args = smoke_config(lambda_rec=0.0, lambda_lat=0.0, lambda_self=0.0)
+def test_classification_error_reaches_the_decoder_through_the_frozen_classifier():
+    args = smoke_args(lambda_lat=0.0, lambda_self=0.0, lambda_cross=0.0, lambda_cls=1.0)
     torch.manual_seed(0)
-    encoder, decoder, classifier = dt.build_models(config, 1)
-    dt.freeze(classifier)
-    optimizer = dt.make_optimizer([*encoder.parameters(), *decoder.parameters()], args)
-    img = torch.rand(2, 4, 3, 32, 32) * 2 - 1
+    encoder, decoder, classifier = dt.build_models(vars(args), 1)
+    classifier.eval().requires_grad_(False)
+    optimizer = torch.optim.SGD([*encoder.parameters(), *decoder.parameters()], lr=0.0)
+    img = torch.rand(2, 4, 3, 32, 32)
     attrs = torch.tensor([[0.], [1.], [0.], [1.]])
     dt.dual_step([encoder, decoder, classifier], optimizer, img[0], img[1], attrs, 1 - attrs,
                  args, lambda: dt.autocast(torch.device("cpu"), False))
-    grads = [p.grad for p in decoder.parameters()]
-    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert sum(p.grad.abs().sum() for p in decoder.parameters()) > 0
+    assert all(p.grad is None for p in classifier.parameters())
+
+
+def test_spread_pairs_draws_from_every_identity():
+    identities = torch.arange(50).repeat_interleave(20)  # 50 people, 20 photos: 190 pairs each
+    pairs = common.identity_pairs(identities)
+    assert len(pairs) == 50 * 190
+    assert len(identities[pairs[:2000, 0]].unique()) <= 11  # what the first 2000 would cover
+    drawn = dt.spread_pairs(pairs, 2000, seed=0)
+    assert len(drawn) == 2000 and len(identities[drawn[:, 0]].unique()) == 50
+    assert len(torch.unique(drawn, dim=0)) == 2000  # no pair twice
 
 
 # ------------------------------------------------------------------------------------------------
-# Command line: both stages, eval, edit, resume
+# The stage-1 classifier is reused only when everything that determines it matches (the bug)
 # ------------------------------------------------------------------------------------------------
-def test_smoke_run_of_both_stages_writes_every_file(tmp_path, run_script):
-    out = tmp_path / "run"
-    proc = run_script("dual_transfer.py", "classifier", "--smoke", "--out", out)
-    assert "Eyeglasses" in proc.stdout and (out / "classifier.pt").is_file()
-    proc = run_script("dual_transfer.py", "--smoke", "--out", out)
-    assert f"classifier: {out / 'classifier.pt'}" in proc.stdout  # stage 1 reused, not retrained
-    state = torch.load(out / "ckpt.pt", weights_only=True)
-    assert {"encoder", "decoder", "classifier", "optimizer", "step", "config", "attr_names",
-            "rng"} <= set(state)
-    assert state["step"] == 4 and state["attr_names"] == ["Eyeglasses"]
-    stage1 = torch.load(out / "classifier.pt", weights_only=True)
+def test_classifier_key_changes_with_every_setting_and_with_the_pixels():
+    data, _, _, _ = dt.prepare(smoke_args())
+    base = dt.classifier_key(smoke_args(), data)
+    assert base == dt.classifier_key(smoke_args(), data)
+    for name, value in dict(seed=1, cls_steps=5, cls_lr=2e-3, cls_dim=4, cls_fc=8, crop=170,
+                            img_size=64, n_layers=2, batch_size=4, weight_decay=0.0).items():
+        assert dt.classifier_key(smoke_args(**{name: value}), data)[name] != base[name], name
+    data.images[0, 0, 0, 0] ^= 1  # one pixel of one image: another data set
+    assert dt.classifier_key(smoke_args(), data)["data_digest"] != base["data_digest"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [[], ["train"], ["edit"]])
+def test_help_of_the_script_and_each_sub_command(run_script, command):
+    proc = run_script("dual_transfer.py", *command, "--help")
+    assert "usage: dual_transfer.py" in proc.stdout and "Traceback" not in proc.stderr
+    assert ("--set" if command == ["edit"] else "--shortcut-layers") in proc.stdout
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--lr", "-1"),
+                                        ("--log-every", "0"), ("--ckpt-every", "0"),
+                                        ("--lambda-cls", "-0.1"), ("--lr", "nan"),
+                                        ("--shortcut-layers", "9"), ("--img-size", "48")])
+def test_out_of_range_arguments_are_refused_before_any_data_loads(tmp_path, flag, value):
+    with pytest.raises(common.InputError, match=flag) as error:
+        dt.main(["--data", str(tmp_path / "no_such_folder"), flag, value, "--out",
+                 str(tmp_path / "out")])
+    assert "no_such_folder" not in str(error.value)  # the argument is checked first
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_argument_is_one_line_on_the_command_line(run_script, tmp_path):
+    proc = run_script("dual_transfer.py", "--batch-size", "-4", "--out", tmp_path, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == ["error: --batch-size -4: expected a finite number above 0"]
+
+
+def test_checkpoints_of_other_scripts_are_refused_in_one_line(tmp_path, run_script, smoke_run):
+    foreign = tmp_path / "attgan_ckpt.pt"
+    torch.save({"script": "attgan.py", "config": {}, "step": 3}, foreign)
+    proc = run_script("dual_transfer.py", "edit", "--ckpt", foreign, "--image", foreign, check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        f"error: {foreign}: expected a checkpoint written by dual_transfer.py, found attgan.py"]
+    with pytest.raises(common.InputError, match="expected a stage-2 ckpt.pt of dual_transfer.py, found its "
+                                                "stage-1 classifier"):
+        dt.load(smoke_run / "classifier.pt")
+
+
+def test_missing_identity_file_names_it(tmp_path):
+    copy = tmp_path / "no_ids"
+    shutil.copytree(common.demo_root("demo:16"), copy)
+    (copy / "identity_CelebA.txt").unlink()
+    with pytest.raises(common.InputError, match="identity_CelebA.txt .*Anno"):
+        dt.main(["--smoke", "--data", str(copy), "--out", str(tmp_path / "out")])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, face_attr_cache):
+    """Both stages through the real command line, as a user runs them."""
+    out = tmp_path_factory.mktemp("dual") / "run"
+    subprocess.run([sys.executable, str(ROOT / "dual_transfer.py"), "--smoke", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
+    return out
+
+
+def test_smoke_run_writes_every_file(smoke_run):
+    state = torch.load(smoke_run / "ckpt.pt", weights_only=True)
+    assert state["script"] == "dual_transfer.py" and state["kind"] == "dual" and state["step"] == 4
+    assert {"encoder", "decoder", "classifier", "optimizer", "config", "attr_names"} <= set(state)
+    stage1 = torch.load(smoke_run / "classifier.pt", weights_only=True)
     for key, value in stage1["classifier"].items():  # stage 2 carries the frozen C unchanged
         assert torch.equal(state["classifier"][key], value), key
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (smoke_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
-    assert {"loss", "rec", "cls", "lat", "self", "transfer_acc", "img_per_s"} <= set(records[0])
-    grid = Image.open(out / "samples" / "step_000004.png")
-    assert grid.width > 5 * 32 and grid.height > 32  # 5 columns of 32 px images, labelled
-    assert (out / "losses.png").is_file()
-    result = json.loads((out / "eval.json").read_text())
-    assert result["train"]["pairs"] > 0 and 0 <= result["train"]["transfer_acc_changed"] <= 1
-    assert result["train"]["psnr"] > 0
+    assert {"loss", "lat", "self", "cls", "cross", "transfer_acc", "img_per_s"} <= set(records[0])
+    grid = Image.open(smoke_run / "samples" / "step_000004.png")
+    assert grid.width > 5 * 32 and grid.height > 3 * 32  # 5 columns, 3 pairs
+    result = json.loads((smoke_run / "eval.json").read_text())
+    assert result["train"]["pairs"] == 2000 and result["val"]["pairs"] > 0
 
 
-def test_eval_and_edit_on_a_photo(tmp_path, run_script):
-    out = tmp_path / "run"
-    run_script("dual_transfer.py", "--smoke", "--out", out)
-    proc = run_script("dual_transfer.py", "eval", "--ckpt", out / "ckpt.pt", "--split", "val")
-    assert "pairs; transfer PSNR" in proc.stdout
+def test_a_run_on_other_data_trains_its_own_classifier(smoke_run, tmp_path, capsys):
+    """The bug: classifier.pt in --out was reused whatever data it was trained on (here: a folder that
+    holds only stage 1, as a run stopped after stage 1 leaves it)."""
+    same, other_run, other = tmp_path / "same", tmp_path / "other_run", tmp_path / "other_demo"
+    for folder in (same, other_run):
+        folder.mkdir()
+        shutil.copy(smoke_run / "classifier.pt", folder / "classifier.pt")  # trained on demo:16
+    first = torch.load(smoke_run / "classifier.pt", weights_only=True)
+    dt.main(["--smoke", "--out", str(same), "--steps", "2"])
+    assert f"classifier: {same / 'classifier.pt'}" in capsys.readouterr().out  # same settings: reused
+    shutil.copytree(common.demo_root("demo:16"), other)  # another data set: half the labels off
+    attr_file = other / "list_attr_celeba.txt"
+    lines = attr_file.read_text().splitlines()
+    lines[2:] = [line.replace(" 1", " -1") if i % 2 else line for i, line in enumerate(lines[2:])]
+    attr_file.write_text("\n".join(lines) + "\n")
+    dt.main(["--smoke", "--out", str(other_run), "--data", str(other), "--steps", "2"])
+    printed = capsys.readouterr().out
+    assert "stage 1:" in printed and "data='demo:16' (this run: " in printed
+    second = torch.load(other_run / "classifier.pt", weights_only=True)
+    assert second["key"]["data"] == str(other.resolve())
+    stage2 = torch.load(other_run / "ckpt.pt", weights_only=True)["classifier"]
+    assert any(not torch.equal(stage2[k], first["classifier"][k]) for k in stage2)
+    for k in stage2:
+        assert torch.equal(stage2[k], second["classifier"][k]), k
+    with pytest.raises(common.InputError, match="this run: 'demo:16'"):  # a given file: refused
+        dt.main(["--smoke", "--out", str(tmp_path / "third"), "--classifier", str(other_run / "classifier.pt")])
+
+
+def test_a_second_run_into_a_run_folder_is_refused_and_changes_nothing(smoke_run):
+    before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*")}
+    with pytest.raises(common.InputError, match="holds a run"):
+        dt.main(["--smoke", "--out", str(smoke_run), "--data", "demo:16"])
+    assert {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.name != ".lock"} == \
+        {p: t for p, t in before.items() if p.name != ".lock"}
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(smoke_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    kept = (run / "ckpt.pt").read_bytes()
+    monkeypatch.setattr(dt, "loss_lat", lambda a, b: torch.tensor(float("nan")))
+    with pytest.raises(FloatingPointError, match="step 6: non-finite"):
+        dt.main(["--smoke", "--out", str(run), "--steps", "8", "--resume"])
+    assert (run / "ckpt.pt").read_bytes() == kept
+
+
+def test_edit_a_photo_through_the_command_line(smoke_run, tmp_path, run_script):
     photo = tmp_path / "me.jpg"
     Image.new("RGB", (120, 150), (200, 150, 120)).save(photo)
     edited = tmp_path / "me_glasses.png"
-    proc = run_script("dual_transfer.py", "edit", "--ckpt", out / "ckpt.pt", "--image", photo,
-                      "--set", "eyeglasses=1", "--out", edited)
+    proc = run_script("dual_transfer.py", "edit", "--ckpt", smoke_run / "ckpt.pt", "--image",
+                      photo, "--set", "eyeglasses=1", "--out", edited)
     assert "Eyeglasses" in proc.stdout
     assert Image.open(edited).size == (32, 32)
     assert edited.with_name("me_glasses_compare.png").is_file()
-    proc = run_script("dual_transfer.py", "edit", "--ckpt", out / "ckpt.pt", "--image", photo,
-                      "--set", "Glasses=1", check=False)
-    assert proc.returncode != 0 and "Eyeglasses" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(common.InputError, match="Eyeglasses"):
+        dt.main(["edit", "--ckpt", str(smoke_run / "ckpt.pt"), "--image", str(photo), "--set",
+                 "Glasses=1"])
 
 
-def test_resume_continues_exactly_and_refuses_another_configuration(tmp_path, run_script):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_script("dual_transfer.py", "--smoke", "--out", straight, "--steps", "4")
-    run_script("dual_transfer.py", "--smoke", "--out", resumed, "--steps", "2")
-    proc = run_script("dual_transfer.py", "--smoke", "--out", resumed, "--steps", "4", "--resume")
-    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout
-    a = torch.load(straight / "ckpt.pt", weights_only=True)
+def test_resume_continues_exactly_and_refuses_another_configuration(tmp_path, smoke_run):
+    resumed = tmp_path / "resumed"
+    shutil.copy(smoke_run / "classifier.pt", tmp_path / "c.pt")
+    dt.main(["--smoke", "--out", str(resumed), "--steps", "2", "--classifier", str(tmp_path / "c.pt")])
+    dt.main(["--smoke", "--out", str(resumed), "--steps", "4", "--resume"])
+    a = torch.load(smoke_run / "ckpt.pt", weights_only=True)
     b = torch.load(resumed / "ckpt.pt", weights_only=True)
-    for part in ("encoder", "decoder"):
-        for key, value in a[part].items():
-            assert torch.equal(value, b[part][key]), f"{part}.{key}"
+    for part in ("encoder", "decoder", "optimizer"):
+        flat_a, flat_b = torch.utils._pytree.tree_flatten(a[part])[0], \
+            torch.utils._pytree.tree_flatten(b[part])[0]
+        for x, y in zip(flat_a, flat_b):
+            assert (torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y), part
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4]
-    proc = run_script("dual_transfer.py", "--smoke", "--out", resumed, "--steps", "6", "--resume",
-                      "--latent-dim", "32", check=False)
-    assert proc.returncode != 0 and "latent_dim" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(common.InputError, match="shortcut_layers=1, this run has shortcut_layers=2"):
+        dt.main(["--smoke", "--out", str(resumed), "--steps", "6", "--resume",
+                 "--shortcut-layers", "2"])
 
 
-def test_grid_pairs_show_different_people():
-    identities = torch.tensor([1, 1, 1, 2, 2, 3, 3, 3])
-    pairs = common.identity_pairs(identities)  # 3 + 1 + 3 pairs, grouped by person
-    shown = dt.one_pair_per_person(pairs, identities, 6)
-    assert identities[shown[:, 0]].tolist() == [1, 2, 3]
-    assert (identities[shown[:, 0]] == identities[shown[:, 1]]).all()
+# ------------------------------------------------------------------------------------------------
+# The evaluation adapter (benchmarks/adapters/dual_transfer.py)
+# ------------------------------------------------------------------------------------------------
+def test_adapter_maps_the_contract_onto_the_networks(smoke_run):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from adapters import dual_transfer as adapter
+    model = adapter.load(smoke_run / "ckpt.pt")
+    assert (model.attr_names, model.img_size, model.crop, model.generate) == \
+        (["Eyeglasses"], 32, None, None)
+    _, _, (encoder, decoder, classifier) = dt.load(smoke_run / "ckpt.pt")
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    target = torch.tensor([[1.0], [0.0], [1.0]])
+    with torch.no_grad():  # in [0, 1] inside the networks, [-1, 1] outside
+        unit = (images + 1) / 2
+        expected_edit = decoder(encoder(unit), target) * 2 - 1
+        read = (classifier(unit) > 0).float()
+        expected_recon = decoder(encoder(unit), read) * 2 - 1
+    assert torch.allclose(model.edit(images, 1 - target, target), expected_edit, atol=1e-6)
+    assert torch.allclose(model.reconstruct(images), expected_recon, atol=1e-6)
+    assert model.encode(images)["z"].shape == (3, 32 * 4 * 4)
