@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -20,6 +21,11 @@ def face_attr_cache(tmp_path_factory):
     """A throw-away cache root for demo sets and image caches, shared by the whole session."""
     path = tmp_path_factory.mktemp("face_attr_cache")
     os.environ["FACE_ATTR_CACHE"] = str(path)
+    # One thread everywhere, in this process and in every script a test runs: CPU float sums then
+    # come out the same in both, so a run in a subprocess and one in-process can be compared
+    # bit for bit (and 2 cores are not oversubscribed by parallel-in-parallel).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
     return path
 
 

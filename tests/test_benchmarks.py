@@ -390,7 +390,9 @@ def test_evaluate_scores_a_smoke_checkpoint(method, smoke_judge, tmp_path, run_s
     evaluate.main(["--method", method, "--ckpt", str(ckpt), "--data", "demo:16", "--judge",
                    str(smoke_judge), "--true-images", "4", "--json", str(out)])
     result = json.loads(out.read_text())
-    assert EXPECTED[method] <= set(result)
+    edits = {"edit_acc", "preservation", "true_edit_psnr", "oracle_edit_acc", "edit_fd"}
+    # an editor whose attributes the judge does not read well enough is not scored on edits
+    assert EXPECTED[method] - (set() if result["attrs"] else edits) <= set(result)
     assert result["method"] == method and result["images"] == 60  # the whole demo:16 test split
     judged = result["attr_set"]["attrs"]
     assert sorted(result["attrs"] + result["attrs_missing"]) == sorted(judged)
@@ -400,7 +402,7 @@ def test_evaluate_scores_a_smoke_checkpoint(method, smoke_judge, tmp_path, run_s
     if "edit_acc" in result:  # each attribute: successes among the images read right, a fraction
         for name, acc in result["edit_acc_per_attr"].items():
             n = result["edit_counted_per_attr"][name]
-            assert acc is None or abs(acc * n - round(acc * n)) < 1e-6
+            assert acc is None or abs(acc * n - round(acc * n)) < 1e-4  # (float32 sums)
     if method == "mad":  # four sub-codes x two kinds of labels, and no attribute score
         assert set(result["retrieval"]) == {"identity", "expression"}
         assert set(result["retrieval"]["identity"]) == {"pose", "identity", "style", "expression"}
