@@ -601,6 +601,8 @@ class SwapArgs:
 
 def swap(args):
     """Write the factor-swap grid -> its path."""
+    if args.out and Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise InputError(f"--out {args.out}: expected a .png or .jpg file name")
     nets, config, attr_names = load(args.ckpt)
     data = load_split(config["data"], config, attr_names, args.split)
     pairs = min(args.pairs, len(data.images) // 2)  # spread over the split: other people

@@ -382,6 +382,8 @@ def test_swap_command_and_help(smoke_runs, tmp_path, run_script):
                      "--out", str(tmp_path / "s.png")])
     with Image.open(path) as grid:
         assert grid.width > 3 * 32 and grid.height > 7 * 32  # 7 rows x 3 pairs
+    with pytest.raises(mad.InputError, match="expected a .png or .jpg"):  # before loading anything
+        mad.main(["swap", "--ckpt", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "grid")])
     text = " ".join(run_script("mad.py", "--help").stdout.split())
     assert "--lr-dis LR_DIS Adam learning rate of E_dis and G_dis" in text and "(default: 8e-05)" in text
     assert "--margin MARGIN triplet margin" in text and "--stage STAGE" in text
