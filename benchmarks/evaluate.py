@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import InputError  # noqa: E402
+from cli import vet  # noqa: E402
 from judge import MIN_MARGIN, load_judge  # noqa: E402
 
 METHODS = ("attgan", "dual_transfer", "cgan", "feature_ae", "mad")
@@ -502,7 +503,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="device for the method and the judge")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--table", nargs="+", help="print a Markdown table of these result files")
-    args = parser.parse_args(argv)
+    args = vet(parser.parse_args(argv), positive=("max_images", "img_size"),
+               at_least_zero=("true_images", "min_margin", "crop"))
     if args.table:
         print(table(args.table))
         return None

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from common import InputError  # noqa: E402
+from cli import vet  # noqa: E402
 
 # --smoke: 200 steps (seconds) is the least that reliably beats the majority rate on demo:16's
 # per-image attributes (Black_Hair by 0.32-0.37 over seeds 0-2; tests/test_benchmarks.py relies on it).
@@ -205,7 +206,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
     parser.add_argument("--device", default="auto", help="'auto', 'cuda' or 'cpu'")
     parser.add_argument("--smoke", action="store_true", help="tiny run on demo:16 (seconds)")
-    args = parser.parse_args(argv)
+    args = vet(parser.parse_args(argv), positive=("img_size", "width", "steps", "batch_size", "lr"),
+               at_least_zero=("crop", "seed"))
     if args.smoke:
         defaults = parser.parse_args([])
         for name, value in SMOKE.items():

@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import InputError  # noqa: E402
+from cli import vet  # noqa: E402
 
 # Flags that select each method's default (full-size) configuration when run on the demo data.
 # (Without them a CPU would switch to the methods' small cpu-demo presets.) feature_ae.py times its
@@ -83,7 +84,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="'auto', 'cuda' or 'cpu'")
     parser.add_argument("--data", default="demo:16", help="dataset the loops read")
     parser.add_argument("--json", help="also write the table as JSON here")
-    args = parser.parse_args(argv)
+    args = vet(parser.parse_args(argv), positive=("batch_sizes", "steps"))
     rows = []
     print(f"{'method':<15}{'batch':>6}{'bf16':>6}{'compile':>9}{'img/s':>10}")
     with tempfile.TemporaryDirectory() as workdir:

@@ -452,3 +452,19 @@ def test_speed_reports_img_per_s_from_a_real_training_loop(run_script):
     row = [line.split() for line in proc.stdout.splitlines() if line.startswith("cgan")]
     assert len(row) == 1 and row[0][:4] == ["cgan", "16", "off", "off"]
     assert float(row[0][4]) > 0
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("judge", ["--smoke", "--batch-size", "0"], "--batch-size 0: expected a finite number above 0"),
+    ("judge", ["--smoke", "--lr", "-1"], "--lr -1.0: expected a finite number above 0"),
+    ("judge", ["--smoke", "--device", "gpu"], "--device gpu: not on this machine"),
+    ("evaluate", ["--method", "noop", "--max-images", "0"], "--max-images 0: expected a finite"),
+    ("evaluate", ["--method", "noop", "--device", "cuda:9"], "--device cuda:9: not on this machine"),
+    ("speed", ["--batch-sizes", "32", "0"], "--batch-sizes 0: expected a finite number above 0"),
+])
+def test_bad_arguments_get_one_line_before_any_work(script, argv, message):
+    import speed
+    module = {"judge": judge_module, "evaluate": evaluate, "speed": speed}[script]
+    with pytest.raises(common.InputError) as err:
+        module.main(argv)
+    assert message in str(err.value) and "\n" not in str(err.value)
