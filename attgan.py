@@ -451,7 +451,6 @@ def train(args):
     samples = (common.to_float(val.images[:8]).to(device), val.labels[:8].to(device))
     per_epoch = len(data.images) / args.batch_size  # updates per epoch: each draws one batch
     total, decay_step = args.steps or math.ceil(args.epochs * per_epoch), round(args.lr_decay_epoch * per_epoch)
-
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     g, d = (m.to(device) for m in build_models(config, len(names)))
     opt_g, opt_d = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.5, 0.999)) for m in (g, d))
@@ -472,7 +471,6 @@ def train(args):
               f"updates {start}..{total} ({total / per_epoch:.3g} epochs); {device} x {world_size}; "
               f"G {sum(p.numel() for p in g.parameters()):,}, D {sum(p.numel() for p in d.parameters()):,} "
               f"parameters; {args.preset}")
-
     totals, clock, since = {}, time.time(), start
     for step in range(start, total):
         # TRY NOT TO MODIFY: the batch is a pure function of the step (exact resume, DDP shards).

@@ -281,8 +281,8 @@ def dual_step(models, optimizer, img_1, img_2, attr_1, attr_2, args, amp_ctx):
     loss.backward()
     optimizer.step()
     hits = torch.cat([(logits_21 > 0).float() == attr_1, (logits_12 > 0).float() == attr_2])
-    return {"loss": loss.item(), **{k: v.item() for k, v in terms.items()},
-            "transfer_acc": hits.float().mean().item()}
+    return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()},  # no host sync:
+            "transfer_acc": hits.float().mean()}  # the loop reads them at log steps only
 
 
 def pair_tensors(data, pairs, device):
@@ -509,7 +509,7 @@ def train_loop(args, models, optimizer, data, pairs, grid, start, device):
         done = step + 1
         if done % args.log_every == 0 or done == args.steps:
             steps_per_s = (done - since) / (time.time() - clock)
-            record = {"step": done, **{k: v / (done - since) for k, v in totals.items()},
+            record = {"step": done, **{k: float(v) / (done - since) for k, v in totals.items()},
                       "img_per_s": steps_per_s * 2 * args.batch_size}  # both images of a pair
             check_finite(done, record, *models)
             with open(out / "metrics.jsonl", "a") as f:
