@@ -3,14 +3,12 @@ frozen attribute classifier, trained on pairs of photos of the same person.
 
 Reimplements LaughingGo/change_face ("Change photograph of a person with attributes like wearing
 glasses or not", README.md), read at: main.py 4532938 and c3c68d69, model.py c3c68d69 and 84e46c8,
-model_loss.py, opts.py and main_without_classify.py 84e46c8, Train_Classifier.py 416dbc8,
-celebA.py 4532938. It ran: Visualization.ipynb loads checkpoint_31.pth of a run and prints its
-classifier's outputs on transferred faces. (Its earliest main.py, 0202992, worked at 64 px.)
+model_loss.py, opts.py and main_without_classify.py 84e46c8, Train_Classifier.py 416dbc8, celebA.py
+4532938. It ran: Visualization.ipynb loads a trained checkpoint; its first main.py (0202992): 64 px.
 
-Idea: E encodes a face; Dec redraws it from E's features and the attributes a it is given; C,
-trained first (Train_Classifier.py) and left out of stage 2's optimiser (main.py 4532938), tells
-whether a drawn face carries a. Two photos x1, x2 of one person should give one code, and
-Dec(E(x2), a1) should be a face with x1's attributes. Images are in [0, 1] (ToTensor, sigmoid).
+Idea: E encodes a face; Dec redraws it from E's features and attributes a; C, trained first and left
+out of stage 2's optimiser (main.py 4532938), tells whether a drawn face carries a. Two photos x1, x2
+of one person should give one code, and Dec(E(x2), a1) should show x1's attributes. Images: [0, 1].
 
 Objective (main.py; alpha, beta from opts.py; each term from model_loss.py)
     z = E(x) = [f1, ..., fn]    every encoder layer's output; fn is the bottleneck code
@@ -19,36 +17,31 @@ Objective (main.py; alpha, beta from opts.py; each term from model_loss.py)
     L_cls   = BCE(C(Dec(z2, a1)), a1) + BCE(C(Dec(z1, a2)), a2)       classify_loss, transfers
     L_cross = MSE+L1(Dec(z2, a1), x1) + MSE+L1(Dec(z1, a2), x2)       main_without_classify.py
     L = λ_lat·L_lat + λ_self·L_self + λ_cls·L_cls + λ_cross·L_cross    (main.py: 1, 1, β, 0)
-Stage 1 (Train_Classifier.py): C alone, BCE(C(x), a). (main.py c3c68d69 optimised C with E and Dec
-and put L_cls on the self-reconstructions; 4532938, followed here, loads C and judges the transfers.)
+Stage 1 (Train_Classifier.py): C alone, BCE(C(x), a); main.py 4532938, as here, loads it to judge the
+transfers (c3c68d69 trained C with E and Dec, L_cls on the self-reconstructions).
 Notation -> code: x1, x2, a1, a2 = img_1, img_2, attr_1, attr_2; z1 = feats_1; Dec(z2, a1) =
 img_21; E, Dec, C = Encoder, Decoder, Classifier.
 
-Shapes (model.py: 128 px, 5 layers, dim 64; A attributes)
+Shapes (model.py: 128 px from the full frame, no crop, as main.py; 5 layers, dim 64; A attributes)
     E:   x (B, 3, 128, 128) -> f1 (B, 64, 64, 64) -> ... -> f5 (B, 1024, 4, 4)  conv4x4 s2, BN, ReLU
     Dec: [f5, a tiled (B, A, 4, 4)] -> (B, 512, 8, 8) + f4 -> (B, 256, 16, 16) [+ f3] -> ...
          -> (B, 3, 128, 128); deconv4x4 s2, BN, ReLU; last deconv, BN, sigmoid. Shortcuts ADD.
     C:   five conv4x4 s2 + BN + ReLU (64 ... 1024) -> FC 16384 -> 1024 -> FC -> A   (27.9 M)
 
 Deviations, and why
-* Classifier reuse (a bug of ours, fixed): classifier.pt is reused only when its data (a digest of
-  the pixels and labels), attributes, size, crop, architecture, steps, lr, batch and seed match.
+* classifier.pt is reused only when its key (settings, a digest of the pixels) matches (our bug, fixed).
 * Stage 2 keeps C in eval mode (main.py leaves it in train mode: its BatchNorm then uses the drawn
   faces' statistics). C outputs logits with BCE-with-logits (the original: sigmoid + BCELoss).
-* Stage 1 weights present labels by neg/pos (Eyeglasses: 6.5 % of CelebA); the pair file that
-  Visualization.ipynb reads (select_data_1_downsample.json) is not published. Pairs: two photos of a
-  person whose target attributes differ (preprocess.py took every ordered pair of a person's photos).
-* RGB (celebA.py reads BGR with cv2: a channel order, no effect on learning); full frame resized
-  to 128x128, no crop (Resize((128, 128))), [0, 1], as the original.
-* cpu-demo preset (CPU + demo data): 64 px, 4 layers, widths 16-128, C's FC 128, Adam 5e-4,
-  1,200 steps: the original's lr 1e-5 needs days, not minutes.
+* Stage 1 weights present labels by neg/pos (Eyeglasses: 6.5 % of CelebA). Pairs: two photos of one
+  person whose target attributes differ (preprocess.py: all ordered pairs; its pair file is unpublished).
+* RGB (celebA.py reads BGR with cv2: a channel order, no effect on learning).
+* cpu-demo preset (CPU + demo data): smaller networks and Adam 5e-4 (the original's 1e-5 needs days).
 * Pitfall kept from the original: with shortcuts, L_lat can reach 0 by making fn constant while
   the shortcuts carry the face; the attributes enter at fn's level only.
 
     python dual_transfer.py                                 # demo set, both stages (minutes, CPU)
     python dual_transfer.py --data ./celeba --out runs/dual # the original's settings
     python dual_transfer.py edit --ckpt runs/dual/ckpt.pt --image me.jpg --set Eyeglasses=1
-    python dual_transfer.py --smoke --out /tmp/dual_smoke   # seconds, both stages
 """
 import argparse
 import dataclasses
@@ -77,8 +70,7 @@ SCRIPT = "dual_transfer.py"
 # ======== Config ========
 @dataclasses.dataclass
 class Args:
-    """Train Dual Training for attribute transfer: stage 1 (the classifier) when needed, then stage 2
-    (sub-commands: train (default), edit; `python dual_transfer.py edit --help`)."""
+    """Dual Training: stage 1 (the classifier) when needed, then stage 2. A photo: `dual_transfer.py edit --help`."""
     attrs: list = dataclasses.field(default_factory=lambda: ["Eyeglasses"])  # target attributes (README.md: glasses)
     img_size: int = 128  # image side in pixels (main.py: Resize((128, 128))), a multiple of 2^n_layers
     crop: int = 0  # centre square crop in official 178x218 pixels; 0 = the full frame, as the original
@@ -123,19 +115,8 @@ PRESETS = {  # applied to the fields the user did not type
 RESUME_MUST_MATCH = ("data", "attrs", "img_size", "crop", "n_layers", "dim", "shortcut_layers", "cls_dim", "cls_fc",
                      "lambda_lat", "lambda_self", "lambda_cls", "lambda_cross", "lr", "weight_decay", "batch_size",
                      "seed")
-# Everything that determines the stage-1 classifier (with a digest of the training split itself).
 CLASSIFIER_KEY = ("data", "attrs", "img_size", "crop", "n_layers", "cls_dim", "cls_fc", "cls_steps", "cls_lr",
                   "weight_decay", "batch_size", "seed")
-
-
-@dataclasses.dataclass
-class EditArgs:
-    """Edit your own photo with a trained model: the frozen classifier reads its attributes (printed);
-    --set redraws the face with them changed, else every attribute is flipped in a grid."""
-    ckpt: str = "runs/dual_transfer/ckpt.pt"  # checkpoint written by training
-    image: str = "face.jpg"  # a photo (jpg/png), the face centred and filling most of the frame
-    set: list = dataclasses.field(default_factory=list)  # Attr=value, e.g. Eyeglasses=1 (0 absent, 1 present)
-    out: str = None  # output PNG (default: edit.png beside the checkpoint)
 
 
 # ======== Model (model.py) ========
@@ -155,7 +136,6 @@ def init_weights(module):
             nn.init.xavier_normal_(m.weight)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
-    return module
 
 
 class Encoder(nn.Module):
@@ -264,7 +244,7 @@ def classifier_step(classifier, optimizer, images, attrs, pos_weight, amp_ctx):
 
 
 def dual_step(models, optimizer, img_1, img_2, attr_1, attr_2, args, amp_ctx):
-    """Stage 2 (main.py): one update of E and Dec on a batch of pairs (images in [0, 1]) -> dict of floats.
+    """Stage 2 (main.py): one update of E and Dec on a batch of pairs (images in [0, 1]) -> detached scalars.
     C is frozen (eval mode, no parameter in the optimiser) but differentiable: L_cls reaches Dec."""
     encoder, decoder, classifier = models
     with amp_ctx():
@@ -318,18 +298,9 @@ def pair_grid(encoder, decoder, img_1, img_2, attr_1, attr_2, attr_names):
     return torch.stack(columns, 1) * 2 - 1, labels
 
 
-def spread_pairs(pairs, count, seed=0):
-    """At most `count` pairs drawn uniformly (seeded) from all, so every identity can appear (pairs are
-    grouped by person: pairs[:count] would cover only the first few)."""
-    keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:count]
-    return pairs[keep.sort().values]
-
-
 @torch.no_grad()
 def evaluate_pairs(models, data, pairs, split, device):
-    """Print and return: PSNR (dB) of the self-reconstructions Dec(E(x1), a1) and of the transfers
-    Dec(E(x2), a1) vs x1 (the other photo: pose and expression differ, so a floor), and how often
-    the frozen C reads a1 on the transfers where a1 != a2."""
+    """-> PSNR (dB) of Dec(E(x1), a1) and of Dec(E(x2), a1) vs x1 (a floor); how often C reads a1 where a1 != a2."""
     encoder, decoder, classifier = models
     sums = torch.zeros(4)
     for chunk in pairs.split(128):
@@ -338,28 +309,38 @@ def evaluate_pairs(models, data, pairs, split, device):
         hits = ((classifier(img_21) > 0).float() == attr_1) & changed
         sums += torch.tensor([psnr(transfer(encoder, decoder, img_1, attr_1), img_1).sum(),
                               psnr(img_21, img_1).sum(), hits.sum(), changed.sum()])
-    result = dict(zip(("pairs", "psnr_self", "psnr_transfer", "transfer_acc_changed"),
-                      (len(pairs), *(sums[:2] / max(len(pairs), 1)).tolist(),
-                       (sums[2] / sums[3].clamp_min(1)).item())))
-    print(f"{split}: {len(pairs)} pairs; PSNR self-reconstruction {result['psnr_self']:.2f} dB, "
-          f"transfer vs the other photo {result['psnr_transfer']:.2f} dB; the frozen C reads the "
-          f"target on {result['transfer_acc_changed']:.3f} of the changed attributes")
-    return result
+    psnr_self, psnr_transfer = (sums[:2] / max(len(pairs), 1)).tolist()
+    read = (sums[2] / sums[3].clamp_min(1)).item()
+    print(f"{split}: {len(pairs)} pairs; PSNR self-reconstruction {psnr_self:.2f} dB, transfer vs the other photo "
+          f"{psnr_transfer:.2f} dB; the frozen C reads the target on {read:.3f} of the changed attributes")
+    return {"pairs": len(pairs), "psnr_self": psnr_self, "psnr_transfer": psnr_transfer, "transfer_acc_changed": read}
 
 
 # ======== Stage 1: the classifier (Train_Classifier.py), reused only when it matches ========
 def classifier_key(args, data):
-    """Everything that determines the stage-1 classifier: the CLASSIFIER_KEY settings (canonical data
-    and attribute names) and a digest of the training split's pixels and labels, so another data
-    set, crop or size is never mistaken for this one."""
+    """What C depends on: the CLASSIFIER_KEY settings and a digest of the training pixels and labels."""
     digest = hashlib.sha1(data.images.cpu().numpy().tobytes())
     digest.update(data.labels.cpu().numpy().tobytes())
     return {**{name: getattr(args, name) for name in CLASSIFIER_KEY}, "data_digest": digest.hexdigest()}
 
 
-def train_classifier(args, data, val, key, device, path):
-    """Stage 1: train C on the training images (present labels weighted by neg/pos per attribute),
-    print its validation accuracy, save it with its key to `path`. -> the saved state."""
+def get_classifier(args, data, val, device):
+    """Stage 1 -> C's weights: --classifier or <out>/classifier.pt if its key is this run's, else C trained
+    now on the training images (present labels weighted by neg/pos per attribute) and saved with its key."""
+    path, key = Path(args.classifier or Path(args.out) / "classifier.pt"), classifier_key(args, data)
+    if path.is_file():
+        state = load_checkpoint(path)
+        saved = state.get("key", {})
+        differ = [k for k in key if saved.get(k) != key[k]]
+        if not differ:
+            print(f"classifier: {path} (validation accuracy {state['val_accuracy']})")
+            return state["classifier"]
+        why = ", ".join(f"{k}={saved.get(k)!r} (this run: {key[k]!r})" for k in differ)
+        if args.classifier:
+            raise InputError(f"--classifier {path} was trained with {why}")
+        print(f"{path} was trained with {why}: training a new classifier")
+    elif args.classifier:
+        raise InputError(f"--classifier {path}: no such file (leave it out to train one)")
     torch.manual_seed(args.seed)
     classifier = build_models(dataclasses.asdict(args), len(data.attr_names))[2].to(device)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=args.cls_lr, weight_decay=args.weight_decay)
@@ -376,34 +357,14 @@ def train_classifier(args, data, val, key, device, path):
     with torch.no_grad():
         logits = torch.cat([classifier.eval()(to_unit(common.to_float(x.to(device)))).cpu()
                             for x in val.images.split(256)] + [torch.empty(0, len(args.attrs))])
-    accuracy = ((logits > 0).float() == val.labels).float().mean(0).tolist()
-    state = {"kind": "classifier", "classifier": classifier.state_dict(), "key": key,
-             "val_accuracy": dict(zip(data.attr_names, accuracy))}
-    save_checkpoint(path, state)
-    print(f"wrote {path}; accuracy on {len(val.images)} validation images: {state['val_accuracy']}")
-    return state
+    accuracy = dict(zip(data.attr_names, ((logits > 0).float() == val.labels).float().mean(0).tolist()))
+    save_checkpoint(path, {"kind": "classifier", "classifier": classifier.state_dict(), "key": key,
+                           "val_accuracy": accuracy})
+    print(f"wrote {path}; accuracy on {len(val.images)} validation images: {accuracy}")
+    return classifier.state_dict()
 
 
-def get_classifier(args, data, val, device):
-    """The stage-1 weights: --classifier / <out>/classifier.pt when its key equals this run's, else
-    trained now (a given --classifier that differs is refused)."""
-    path, key = Path(args.classifier or Path(args.out) / "classifier.pt"), classifier_key(args, data)
-    if path.is_file():
-        state = load_checkpoint(path)
-        saved = state.get("key", {})
-        differ = [k for k in key if saved.get(k) != key[k]]
-        if not differ:
-            print(f"classifier: {path} (validation accuracy {state['val_accuracy']})")
-            return state["classifier"]
-        why = ", ".join(f"{k}={saved.get(k)!r} (this run: {key[k]!r})" for k in differ)
-        if args.classifier:
-            raise InputError(f"--classifier {path} was trained with {why}")
-        print(f"{path} was trained with {why}: training a new classifier")
-    elif args.classifier:
-        raise InputError(f"--classifier {path}: no such file (leave it out to train one)")
-    return train_classifier(args, data, val, key, device, path)["classifier"]
-
-
+# ======== A trained model: load(), and edit(args) for your own photo ========
 def load(ckpt, device="cpu"):
     """A trained model -> (config, attr_names, (encoder, decoder, classifier)) in eval mode."""
     state = load_checkpoint(ckpt)
@@ -416,130 +377,21 @@ def load(ckpt, device="cpu"):
     return state["config"], state["attr_names"], models
 
 
-# ======== train(args), edit(args), main() ========
-def configure(args, device):
-    """Presets, canonical --data and --attrs, and the checks the networks need -> args."""
-    if args.preset not in ("auto", "default", "cpu-demo"):
-        raise InputError(f"--preset {args.preset!r}: expected auto, default or cpu-demo")
-    auto = "cpu-demo" if device.type == "cpu" and is_demo(args.data) else "default"
-    args.preset = "smoke" if args.smoke else auto if args.preset == "auto" else args.preset
-    if args.preset in PRESETS:
-        apply_preset(args, PRESETS[args.preset], args.preset)
-    args.data = args.data if is_demo(args.data) else str(Path(args.data).resolve())
-    args.attrs = common.resolve_attrs(args.attrs)
-    size, layers = args.img_size, args.n_layers
-    if size % 2 ** layers or size < 2 ** (layers + 1):
-        raise InputError(f"--img-size {size}: expected a multiple of 2^n_layers = {2 ** layers}, at least "
-                         f"{2 ** (layers + 1)} (the code map must be at least 2x2)")
-    if args.shortcut_layers > layers - 1:
-        raise InputError(f"--shortcut-layers {args.shortcut_layers}: expected at most n_layers - 1 = {layers - 1}")
-    return args
-
-
-def prepare(args):
-    """-> (train split, val split, training pairs, validation pairs)."""
-    crop = args.crop or None
-    data = common.load_celeba(args.data, args.attrs, "train", args.img_size, crop)
-    if data.identities is None:
-        raise InputError(f"dual training needs identity_CelebA.txt (the person in each photo; it comes with the "
-                         f"official CelebA release, in its Anno folder) beside the images of {data.root}; the "
-                         f"{data.layout} layout found has none")
-    val = common.load_celeba(args.data, data.attr_names, "val", args.img_size, crop, verbose=False)
-    pairs = common.identity_pairs(data.identities, data.labels)
-    if len(pairs) < args.batch_size:
-        raise InputError(f"only {len(pairs)} same-identity pairs whose {', '.join(data.attr_names)} differ in "
-                         f"the training split; --batch-size {args.batch_size} needs more")
-    val_pairs = (common.identity_pairs(val.identities, val.labels) if len(val.images)
-                 else torch.empty((0, 2), dtype=torch.long))
-    print(f"pairs: {len(pairs)} in the training split, {len(val_pairs)} in the validation split")
-    return data, val, pairs, val_pairs
-
-
-def train(args):
-    device = pick_device(args.device)
-    args, out = configure(args, device), Path(args.out)
-    lock = claim_run_folder(out, args.resume)  # noqa: F841 (held till exit; before any data loads)
-    state = load_checkpoint(out / "ckpt.pt", dataclasses.asdict(args), RESUME_MUST_MATCH) if args.resume else None
-    if (start := state["step"] if state else 0) >= args.steps:
-        raise InputError(f"--resume: the checkpoint is at step {start}; expected a larger --steps")
-    data, val, pairs, val_pairs = prepare(args)
-    # ALGO LOGIC: C from stage 1, frozen (eval mode, no gradients for its weights; its input still
-    # passes gradients to Dec); E and Dec trained by Adam (main.py 4532938: torch's betas).
-    classifier_state = state["classifier"] if state else get_classifier(args, data, val, device)
-    torch.manual_seed(args.seed)
-    encoder, decoder, classifier = build_models(dataclasses.asdict(args), len(data.attr_names))
-    classifier.load_state_dict(classifier_state)
-    classifier.eval().requires_grad_(False)
-    models = [m.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
-              for m in (encoder, decoder, classifier)]
-    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=args.lr,
-                                 weight_decay=args.weight_decay)
-    # TRY NOT TO MODIFY: resume (the pair order is a pure function of seed and step), logging, files.
-    for module, name in ((encoder, "encoder"), (decoder, "decoder"), (optimizer, "optimizer")):
-        module.load_state_dict(state[name]) if state else None
-    trim_jsonl(out / "metrics.jsonl", start)
-    (out / "samples").mkdir(exist_ok=True)
-    print(f"Dual Training {args.img_size} px, {', '.join(data.attr_names)}; steps {start}..{args.steps}; E, Dec, "
-          f"C (frozen): " + ", ".join(f"{sum(p.numel() for p in m.parameters()):,}" for m in models)
-          + f" parameters; Adam lr {args.lr:g}; {device}; {args.preset}")
-    grid_data, grid_pairs = (val, val_pairs) if len(val_pairs) else (data, pairs)
-    grid = pair_tensors(grid_data, spread_pairs(grid_pairs, 6, args.seed), device)
-    data = common.to_device(data, device)
-    train_loop(args, models, optimizer, data, pairs, grid, start, device)
-    encoder.eval(), decoder.eval()
-    results = {"train": evaluate_pairs(models, data, spread_pairs(pairs, 2000, args.seed),
-                                       "train (<= 2000 pairs drawn from all)", device)}
-    if len(val_pairs):
-        results["val"] = evaluate_pairs(models, val, val_pairs, "val", device)
-    (out / "eval.json").write_text(json.dumps({"step": args.steps, **results}, indent=1) + "\n")
-    print(f"done: {out / 'ckpt.pt'}, samples in {out / 'samples'}, losses.png, eval.json")
-    return out
-
-
-def train_loop(args, models, optimizer, data, pairs, grid, start, device):
-    """Steps start .. args.steps: log, write sample grids and checkpoints."""
-    out, names = Path(args.out), data.attr_names
-    amp_ctx = lambda: autocast(device, args.amp)  # noqa: E731
-    step_models = [torch.compile(m) for m in models] if args.compile else models
-    totals, clock, since = {}, time.time(), start
-    for step in range(start, args.steps):
-        chosen = pairs[common.batch_indices(len(pairs), step, args.batch_size, args.seed)]
-        stats = dual_step(step_models, optimizer, *pair_tensors(data, chosen, device), args, amp_ctx)
-        totals = {k: totals.get(k, 0.0) + v for k, v in stats.items()}
-        done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
-            steps_per_s = (done - since) / (time.time() - clock)
-            record = {"step": done, **{k: float(v) / (done - since) for k, v in totals.items()},
-                      "img_per_s": steps_per_s * 2 * args.batch_size}  # both images of a pair
-            check_finite(done, record, *models)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(f"step {done}/{args.steps}  " + "  ".join(f"{k} {record[k]:.4g}" for k in stats)
-                  + f"  {record['img_per_s']:.0f} img/s  ETA {(args.steps - done) / steps_per_s / 60:.1f} min",
-                  flush=True)
-            totals, clock, since = {}, time.time(), done
-        if done % args.sample_every == 0 or done == args.steps:
-            picture, labels = pair_grid(models[0].eval(), models[1].eval(), *grid, names)
-            common.save_grid(picture.cpu(), out / "samples" / f"step_{done:06d}.png", col_labels=labels,
-                             title=f"Dual Training, step {done}")
-            models[0].train(), models[1].train()
-        if done % args.ckpt_every == 0 or done == args.steps:
-            check_finite(done, {}, *models)  # a diverged run never overwrites the last good one
-            save_checkpoint(out / "ckpt.pt", {
-                "kind": "dual", "step": done, "config": dataclasses.asdict(args), "attr_names": list(names),
-                "optimizer": optimizer.state_dict(),
-                **{name: model.state_dict() for name, model in zip(("encoder", "decoder", "classifier"), models)}})
-    common.plot_metrics(out / "metrics.jsonl", out / "losses.png")
+@dataclasses.dataclass
+class EditArgs:
+    """Edit your photo: C reads its attributes (printed); --set changes them, else each is flipped in a grid."""
+    ckpt: str = "runs/dual_transfer/ckpt.pt"  # checkpoint written by training
+    image: str = "face.jpg"  # a photo (jpg/png), the face centred and filling most of the frame
+    set: list = dataclasses.field(default_factory=list)  # Attr=value, e.g. Eyeglasses=1 (0 absent, 1 present)
+    out: str = None  # output PNG (default: edit.png beside the checkpoint)
 
 
 @torch.no_grad()
 def edit(args):
-    """`edit`: print the attributes C reads on the photo, then write --set's edited face (and input |
-    recon | edit beside it), or input | recon | each attribute flipped. -> the path written last."""
+    """Print what C reads on the photo; write --set's edit (+ a comparison grid), else every attribute flipped."""
     if args.out and Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise InputError(f"--out {args.out}: expected a .png or .jpg file name")
-    config, names, (encoder, decoder, classifier) = load(args.ckpt, pick_device("auto"))
-    device = next(encoder.parameters()).device
+    config, names, (encoder, decoder, classifier) = load(args.ckpt, device := pick_device("auto"))
     for item in args.set:
         if not re.fullmatch(r"\w+=[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", item):
             raise InputError(f"--set {item!r}: expected Attr=value, e.g. Eyeglasses=1")
@@ -563,6 +415,114 @@ def edit(args):
     common.save_grid(torch.stack(columns, 1).cpu() * 2 - 1, path, col_labels=labels)
     print(f"wrote {path}")
     return path
+
+
+# ======== train(args) and main() ========
+def configure(args, device):
+    """Presets, canonical --data and --attrs, and the checks the networks need -> args."""
+    if args.preset not in ("auto", "default", "cpu-demo"):
+        raise InputError(f"--preset {args.preset!r}: expected auto, default or cpu-demo")
+    auto = "cpu-demo" if device.type == "cpu" and is_demo(args.data) else "default"
+    args.preset = "smoke" if args.smoke else auto if args.preset == "auto" else args.preset
+    apply_preset(args, PRESETS.get(args.preset, {}), args.preset)  # 'default': the original's values
+    args.data = args.data if is_demo(args.data) else str(Path(args.data).resolve())
+    args.attrs = common.resolve_attrs(args.attrs)
+    size, layers = args.img_size, args.n_layers
+    if size % 2 ** layers or size < 2 ** (layers + 1):
+        raise InputError(f"--img-size {size}: expected a multiple of 2^n_layers = {2 ** layers}, at least "
+                         f"{2 ** (layers + 1)} (the code map must be at least 2x2)")
+    if args.shortcut_layers > layers - 1:
+        raise InputError(f"--shortcut-layers {args.shortcut_layers}: expected at most n_layers - 1 = {layers - 1}")
+    return args
+
+
+def prepare(args):
+    """-> (train split, val split, training pairs, validation pairs)."""
+    data = common.load_celeba(args.data, args.attrs, "train", args.img_size, args.crop or None)
+    if data.identities is None:
+        raise InputError(f"dual training needs identity_CelebA.txt (who is in each photo; the official CelebA "
+                         f"release has it in its Anno folder) beside the images of {data.root} ({data.layout})")
+    val = common.load_celeba(args.data, data.attr_names, "val", args.img_size, args.crop or None, verbose=False)
+    pairs = common.identity_pairs(data.identities, data.labels)
+    if len(pairs) < args.batch_size:
+        raise InputError(f"only {len(pairs)} same-identity pairs whose {', '.join(data.attr_names)} differ in "
+                         f"the training split; --batch-size {args.batch_size} needs more")
+    val_pairs = common.identity_pairs(val.identities, val.labels)  # (0, 2) for an empty split
+    print(f"pairs: {len(pairs)} in the training split, {len(val_pairs)} in the validation split")
+    return data, val, pairs, val_pairs
+
+
+def train(args):
+    device = pick_device(args.device)
+    args, out = configure(args, device), Path(args.out)
+    lock = claim_run_folder(out, args.resume)  # noqa: F841 (held till exit; before any data loads)
+    state = load_checkpoint(out / "ckpt.pt", dataclasses.asdict(args), RESUME_MUST_MATCH) if args.resume else None
+    if (start := state["step"] if state else 0) >= args.steps:
+        raise InputError(f"--resume: the checkpoint is at step {start}; expected a larger --steps")
+    data, val, pairs, val_pairs = prepare(args)
+    names, amp_ctx = data.attr_names, lambda: autocast(device, args.amp)
+    # ALGO LOGIC: C from stage 1, frozen (eval mode, no gradients for its weights; its input still
+    # passes gradients to Dec); E and Dec trained by Adam (main.py 4532938: torch's betas).
+    classifier_state = state["classifier"] if state else get_classifier(args, data, val, device)
+    torch.manual_seed(args.seed)
+    encoder, decoder, classifier = build_models(dataclasses.asdict(args), len(names))
+    classifier.load_state_dict(classifier_state)
+    classifier.eval().requires_grad_(False)
+    models = [m.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+              for m in (encoder, decoder, classifier)]
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=args.lr,
+                                 weight_decay=args.weight_decay)
+    # TRY NOT TO MODIFY: resume (the pair order is a pure function of seed and step), logging, files.
+    for module, name in ((encoder, "encoder"), (decoder, "decoder"), (optimizer, "optimizer")):
+        module.load_state_dict(state[name]) if state else None
+    trim_jsonl(out / "metrics.jsonl", start)
+    print(f"Dual Training {args.img_size} px, {', '.join(names)}; steps {start}..{args.steps}; E, Dec, "
+          f"C (frozen): " + ", ".join(f"{sum(p.numel() for p in m.parameters()):,}" for m in models)
+          + f" parameters; Adam lr {args.lr:g}; {device}; {args.preset}")
+    grid_data = val if len(val_pairs) else data  # six pairs drawn across people
+    grid = pair_tensors(grid_data, common.identity_pairs(grid_data.identities, grid_data.labels, max_pairs=6,
+                                                         seed=args.seed), device)
+    data = common.to_device(data, device)
+    step_models = [torch.compile(m) for m in models] if args.compile else models
+    totals, clock, since = {}, time.time(), start
+    for step in range(start, args.steps):
+        # ALGO LOGIC: one update of E and Dec on a batch of pairs
+        chosen = pairs[common.batch_indices(len(pairs), step, args.batch_size, args.seed)]
+        stats = dual_step(step_models, optimizer, *pair_tensors(data, chosen, device), args, amp_ctx)
+        # TRY NOT TO MODIFY: logging, samples and checkpoints
+        totals = {k: totals.get(k, 0.0) + v for k, v in stats.items()}  # tensors: no sync until a log
+        done = step + 1
+        if done % args.log_every == 0 or done == args.steps:
+            steps_per_s = (done - since) / (time.time() - clock)
+            record = {"step": done, **{k: float(v) / (done - since) for k, v in totals.items()},
+                      "img_per_s": steps_per_s * 2 * args.batch_size}  # both images of a pair
+            check_finite(done, record, *models)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(f"step {done}/{args.steps}  " + "  ".join(f"{k} {record[k]:.4g}" for k in stats)
+                  + f"  {record['img_per_s']:.0f} img/s  ETA {(args.steps - done) / steps_per_s / 60:.1f} min",
+                  flush=True)
+            totals, clock, since = {}, time.time(), done
+        if done % args.sample_every == 0 or done == args.steps:
+            picture, labels = pair_grid(encoder.eval(), decoder.eval(), *grid, names)
+            common.save_grid(picture.cpu(), out / "samples" / f"step_{done:06d}.png", col_labels=labels,
+                             title=f"Dual Training, step {done}")
+            encoder.train(), decoder.train()
+        if done % args.ckpt_every == 0 or done == args.steps:
+            check_finite(done, {}, *models)  # a diverged run never overwrites the last good one
+            save_checkpoint(out / "ckpt.pt", {
+                "kind": "dual", "step": done, "config": dataclasses.asdict(args), "attr_names": list(names),
+                "optimizer": optimizer.state_dict(), "encoder": encoder.state_dict(),
+                "decoder": decoder.state_dict(), "classifier": classifier.state_dict()})
+    common.plot_metrics(out / "metrics.jsonl", out / "losses.png")
+    encoder.eval(), decoder.eval()
+    results = {"train": evaluate_pairs(models, data, common.identity_pairs(
+        data.identities, data.labels, max_pairs=2000, seed=args.seed), "train (<= 2000 pairs, all people)", device)}
+    if len(val_pairs):
+        results["val"] = evaluate_pairs(models, val, val_pairs, "val", device)
+    (out / "eval.json").write_text(json.dumps({"step": args.steps, **results}, indent=1) + "\n")
+    print(f"done: {out / 'ckpt.pt'}, samples in {out / 'samples'}, losses.png, eval.json")
+    return out
 
 
 # ======== Plumbing: verbatim copies of attgan.py's (tests/test_copies.py keeps them identical) ========

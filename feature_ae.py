@@ -75,7 +75,7 @@ from torchvision.models.vgg import cfgs, make_layers
 import common
 from common import InputError
 
-SCRIPT = "feature_ae.py"  # save_checkpoint tags every file with it; load_checkpoint refuses others
+SCRIPT = "feature_ae.py"  # the program name in --help
 # The original's attributes (src/main.py: all_feat and media) and three more the demo set draws.
 FEATURE_ATTRS = ["Smiling", "Blond_Hair", "Eyeglasses", "Male", "Mustache", "Bangs", "Black_Hair", "Wearing_Hat"]
 STRENGTH = 1.5  # z ± 1.5·v in the grids and the evaluation edits (src/main.py all_feat)
@@ -402,7 +402,7 @@ def show_command(args):
     return paths
 
 
-# ======== main: training =========================================================================
+# ======== train(args) and main() =================================================================
 def configure(args, device):
     """Preset (smoke, or cpu-demo on a CPU with the demo set), the original's sizes, --loss auto,
     canonical --data and --attrs, checks -> args."""
@@ -433,11 +433,11 @@ def configure(args, device):
     return args
 
 
-def start(args, device):
-    """Everything before the loop, the checks first: run folder, checkpoint, VGG, data, model, optimizer."""
+def train(args):
+    device = pick_device(args.device)
     args, out = configure(args, device), Path(args.out)
-    lock = claim_run_folder(out, args.resume)  # held (open) until the process ends
-    config = dataclasses.asdict(args)
+    lock = claim_run_folder(out, args.resume)  # noqa: F841 (held till exit; before any data loads)
+    config, metrics = dataclasses.asdict(args), out / "metrics.jsonl"
     state = load_checkpoint(out / "ckpt.pt", config, RESUME_MUST_MATCH) if args.resume else None
     torch.manual_seed(args.seed)
     model = build_model(config).to(device)
@@ -455,30 +455,21 @@ def start(args, device):
         raise InputError(f"--resume: the checkpoint is at step {first}, this run ends at {steps}; "
                          f"expected a larger --steps")
     val = common.load_celeba(args.data, args.attrs, "val", args.img_size, None, verbose=False)
-    return (args, lock, out, first, model, optimizer, vgg, common.to_device(data, device),
-            common.to_float(val.images[:8]).to(device), {"steps": steps, "phase_steps": phase_steps})
-
-
-def train(args):
-    device = pick_device(args.device)
-    args, lock, out, first, model, optimizer, vgg, data, samples, schedule = start(args, device)
-    steps, metrics = schedule["steps"], out / "metrics.jsonl"
+    data, samples = common.to_device(data, device), common.to_float(val.images[:8]).to(device)
     trim_jsonl(metrics, first)
     if on_cuda := device.type == "cuda":  # channels-last memory and bf16 autocast (--amp)
         model.to(memory_format=torch.channels_last)
     model_train = torch.compile(model) if args.compile and args.arch == "dcae" else model
-    print(f"Features Changer {args.arch} {' -> '.join(map(str, model.sizes))} px, loss {args.loss}, "
-          f"{len(data.images)} training images, steps {first}..{steps} (phases of {schedule['phase_steps']}), "
-          f"{device}, {args.preset}")
+    print(f"Features Changer {args.arch} {' -> '.join(map(str, model.sizes))} px, loss {args.loss}, {len(data.images)} "
+          f"training images, steps {first}..{steps} (phases of {phase_steps}), {device}, {args.preset}")
     totals, clock, since = {}, time.time(), first
     for step in range(first, steps):
         # ALGO LOGIC: the phase, a batch at its resolution, one update (L_dfc from 32 px up)
-        index, alpha = pg_schedule(step, len(model.sizes), schedule["phase_steps"])
+        index, alpha = pg_schedule(step, len(model.sizes), phase_steps)
         size = model.sizes[index]
         batch = common.get_batch(data, step, args.batch_size, args.seed, device, channels_last=on_cuda)
         stats = train_step(model_train, optimizer, F.adaptive_avg_pool2d(batch[0], size), alpha,
-                           vgg if args.loss == "dfc" and size >= DFC_MIN_SIZE else None,
-                           lambda: autocast(device, args.amp))
+                           vgg if size >= DFC_MIN_SIZE else None, lambda: autocast(device, args.amp))
         # TRY NOT TO MODIFY: logging, samples, checkpoints
         totals = {k: totals.get(k, 0) + v for k, v in stats.items()}  # tensors: no sync until a log
         done, saving = step + 1, time.time()
@@ -503,8 +494,8 @@ def train(args):
         if done % args.ckpt_every == 0 or done == steps:
             check_finite(done, {}, model)  # a diverged run never overwrites the last good checkpoint
             save_checkpoint(out / "ckpt.pt", {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                "phase": {"size": size, "alpha": alpha}, "schedule": schedule, "config": dataclasses.asdict(args),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done, "config": config,
+                "phase": {"size": size, "alpha": alpha}, "schedule": {"steps": steps, "phase_steps": phase_steps},
                 "attr_names": data.attr_names})
         clock += time.time() - saving  # img/s counts training, not the time spent writing files
     common.plot_metrics(metrics, out / "losses.png")

@@ -1,10 +1,11 @@
 """Tests for dual_transfer.py: the original's networks (shapes, U-Net shortcuts, the classifier's
 parameter count by hand), its preprocessing, each loss on known values, one stage-2 step against
-a reference computation, the classifier-reuse key (the bug), the command line (help, argument
-checks, foreign checkpoints, both stages, edit), exact resume, and the evaluation adapter."""
+a reference computation, the eval.json numbers by hand, the classifier-reuse key (the bug), the
+command line (help, argument checks, foreign checkpoints, both stages, edit), exact resume, and
+the evaluation adapter."""
 import json
+import os
 import shutil
-import subprocess
 import sys
 
 import numpy
@@ -14,7 +15,7 @@ from PIL import Image
 
 import common
 import dual_transfer as dt
-from conftest import ROOT
+from conftest import ROOT, commands
 
 torch.set_num_threads(1)
 
@@ -170,14 +171,39 @@ def test_classification_error_reaches_the_decoder_through_the_frozen_classifier(
     assert all(p.grad is None for p in classifier.parameters())
 
 
-def test_spread_pairs_draws_from_every_identity():
+def test_the_train_score_pairs_are_drawn_from_every_identity():
+    """train() scores at most 2,000 training pairs with common.identity_pairs(max_pairs=2000): drawn
+    from all people, where the first 2,000 (the old pairs[:2000]) cover only a few."""
     identities = torch.arange(50).repeat_interleave(20)  # 50 people, 20 photos: 190 pairs each
     pairs = common.identity_pairs(identities)
     assert len(pairs) == 50 * 190
     assert len(identities[pairs[:2000, 0]].unique()) <= 11  # what the first 2000 would cover
-    drawn = dt.spread_pairs(pairs, 2000, seed=0)
+    drawn = common.identity_pairs(identities, max_pairs=2000, seed=0)
     assert len(drawn) == 2000 and len(identities[drawn[:, 0]].unique()) == 50
     assert len(torch.unique(drawn, dim=0)) == 2000  # no pair twice
+
+
+def test_evaluate_pairs_against_a_hand_computation():
+    """eval.json's numbers: PSNR of Dec(E(x1), a1) and of Dec(E(x2), a1) against x1, and how often the
+    frozen C reads a1 on the attributes where a1 != a2 (the others do not count)."""
+    torch.manual_seed(0)
+    encoder, decoder, classifier = (m.eval() for m in dt.build_models(vars(smoke_args()), 2))
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([[0., 1.], [1., 1.], [0., 0.], [1., 0.], [1., 1.], [0., 0.]])
+    pairs = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    data = common.FaceData(images, labels, ["A", "B"], [], None, None, ROOT, "demo", "train", (32, 32))
+    result = dt.evaluate_pairs((encoder, decoder, classifier), data, pairs, "test", "cpu")
+    unit = images.float() / 255
+    x1, x2, a1, a2 = unit[pairs[:, 0]], unit[pairs[:, 1]], labels[pairs[:, 0]], labels[pairs[:, 1]]
+    with torch.no_grad():
+        own, moved = decoder(encoder(x1), a1), decoder(encoder(x2), a1)
+        read = (torch.sigmoid(classifier(moved)) > 0.5).float()
+    mean_psnr = lambda a, b: (10 * torch.log10(1 / ((a - b) ** 2).flatten(1).mean(1))).mean().item()  # noqa: E731
+    changed = a1 != a2  # 4 of the 6 entries
+    assert result["pairs"] == 3
+    assert result["psnr_self"] == pytest.approx(mean_psnr(own, x1), rel=1e-4)
+    assert result["psnr_transfer"] == pytest.approx(mean_psnr(moved, x1), rel=1e-4)
+    assert result["transfer_acc_changed"] == pytest.approx(((read == a1) & changed).sum().item() / 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,11 +223,38 @@ def test_classifier_key_changes_with_every_setting_and_with_the_pixels():
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", [[], ["train"], ["edit"]])
-def test_help_of_the_script_and_each_sub_command(run_script, command):
-    proc = run_script("dual_transfer.py", *command, "--help")
+class Commands(dict):
+    """name -> CompletedProcess of each command line below; .folder."""
+
+
+@pytest.fixture(scope="module")
+def cli(smoke_run, tmp_path_factory, face_attr_cache):
+    """This file's command lines, in order, in ONE fresh interpreter (conftest.commands): --help of
+    the script, train and edit; a bad --batch-size; edit with another script's checkpoint; an edit
+    of a photo with the smoke run's checkpoint."""
+    folder = tmp_path_factory.mktemp("dual_cli")
+    foreign = folder / "attgan_ckpt.pt"
+    torch.save({"script": "attgan.py", "config": {}, "step": 3}, foreign)
+    photo = folder / "me.jpg"
+    Image.new("RGB", (120, 150), (200, 150, 120)).save(photo)
+    calls = {"help": ["--help"], "train_help": ["train", "--help"], "edit_help": ["edit", "--help"],
+             "bad_argument": ["--batch-size", "-4", "--out", folder / "bad"],
+             "foreign": ["edit", "--ckpt", foreign, "--image", foreign],
+             "edit": ["edit", "--ckpt", smoke_run / "ckpt.pt", "--image", photo, "--set", "eyeglasses=1",
+                      "--out", folder / "me_glasses.png"]}
+    env = dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache), OMP_NUM_THREADS="1")
+    result = Commands(zip(calls, commands([("dual_transfer.py", argv) for argv in calls.values()],
+                                          env, folder / "driver")))
+    result.folder = folder
+    return result
+
+
+@pytest.mark.parametrize("command", ["help", "train_help", "edit_help"])
+def test_help_of_the_script_and_each_sub_command(cli, command):
+    proc = cli[command]  # `python dual_transfer.py [train | edit] --help`
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert "usage: dual_transfer.py" in proc.stdout and "Traceback" not in proc.stderr
-    assert ("--set" if command == ["edit"] else "--shortcut-layers") in proc.stdout
+    assert ("--set" if command == "edit_help" else "--shortcut-layers") in proc.stdout
 
 
 @pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--lr", "-1"),
@@ -216,16 +269,15 @@ def test_out_of_range_arguments_are_refused_before_any_data_loads(tmp_path, flag
     assert not (tmp_path / "out").exists()
 
 
-def test_a_bad_argument_is_one_line_on_the_command_line(run_script, tmp_path):
-    proc = run_script("dual_transfer.py", "--batch-size", "-4", "--out", tmp_path, check=False)
+def test_a_bad_argument_is_one_line_on_the_command_line(cli):
+    proc = cli["bad_argument"]  # --batch-size -4
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == ["error: --batch-size -4: expected a finite number above 0"]
 
 
-def test_checkpoints_of_other_scripts_are_refused_in_one_line(tmp_path, run_script, smoke_run):
-    foreign = tmp_path / "attgan_ckpt.pt"
-    torch.save({"script": "attgan.py", "config": {}, "step": 3}, foreign)
-    proc = run_script("dual_transfer.py", "edit", "--ckpt", foreign, "--image", foreign, check=False)
+def test_checkpoints_of_other_scripts_are_refused_in_one_line(cli, smoke_run):
+    foreign = cli.folder / "attgan_ckpt.pt"  # {"script": "attgan.py", "config": {}, "step": 3}
+    proc = cli["foreign"]  # edit --ckpt <it> --image <it>
     assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
         f"error: {foreign}: expected a checkpoint written by dual_transfer.py, found attgan.py"]
     with pytest.raises(common.InputError, match="expected a stage-2 ckpt.pt of dual_transfer.py, found its "
@@ -242,12 +294,10 @@ def test_missing_identity_file_names_it(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, face_attr_cache):
-    """Both stages through the real command line, as a user runs them."""
-    out = tmp_path_factory.mktemp("dual") / "run"
-    subprocess.run([sys.executable, str(ROOT / "dual_transfer.py"), "--smoke", "--out", str(out)],
-                   cwd=ROOT, check=True, capture_output=True, text=True)
-    return out
+def smoke_run(dual_transfer_smoke):
+    """Both stages through the real command line, as a user runs them (conftest.py's session run,
+    shared with tests/test_benchmarks.py)."""
+    return dual_transfer_smoke[0]
 
 
 def test_smoke_run_writes_every_file(smoke_run):
@@ -312,12 +362,10 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(smoke_run
     assert (run / "ckpt.pt").read_bytes() == kept
 
 
-def test_edit_a_photo_through_the_command_line(smoke_run, tmp_path, run_script):
-    photo = tmp_path / "me.jpg"
-    Image.new("RGB", (120, 150), (200, 150, 120)).save(photo)
-    edited = tmp_path / "me_glasses.png"
-    proc = run_script("dual_transfer.py", "edit", "--ckpt", smoke_run / "ckpt.pt", "--image",
-                      photo, "--set", "eyeglasses=1", "--out", edited)
+def test_edit_a_photo_through_the_command_line(smoke_run, cli):
+    photo, edited = cli.folder / "me.jpg", cli.folder / "me_glasses.png"  # a 120x150 plain photo
+    proc = cli["edit"]  # edit --image <photo> --set eyeglasses=1 --out <edited>
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Eyeglasses" in proc.stdout
     assert Image.open(edited).size == (32, 32)
     assert edited.with_name("me_glasses_compare.png").is_file()
