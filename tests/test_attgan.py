@@ -17,7 +17,7 @@ from PIL import Image
 
 import attgan
 from attgan import Discriminator, Generator, InputError
-from conftest import ROOT
+from conftest import ROOT, commands
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from adapters import attgan as attgan_adapter  # noqa: E402
@@ -244,19 +244,41 @@ def test_default_attrs_are_the_papers_and_on_the_demo_set_drawn_by_it(tmp_path):
 
 
 # Command line end to end --------------------------------------------------------------------------
-def run(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, str(ROOT / "attgan.py"), *map(str, args)], cwd=ROOT,
-                          env=dict(env or os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=timeout)
+@pytest.fixture(scope="module")
+def smoke_run(attgan_smoke):
+    """One `python attgan.py --smoke` through the command line, shared by the tests below (and
+    by tests/test_benchmarks.py: conftest.py's session run)."""
+    return attgan_smoke
+
+
+class Commands(dict):
+    """name -> CompletedProcess of each command line below; .folder, .listing_before."""
+
+
+def listing(folder):
+    return sorted((p.name, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.name != ".lock")
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, face_attr_cache):
-    """One `python attgan.py --smoke` through the command line, shared by the tests below."""
-    out = tmp_path_factory.mktemp("attgan_smoke") / "run"
-    proc = run("--smoke", "--out", out, env=dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache)))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+def cli(smoke_run, tmp_path_factory, face_attr_cache):
+    """This file's command lines, in order, in ONE fresh interpreter (conftest.commands): --help
+    of the script and of edit, a second run into the smoke run's folder, an edit of a photo, and
+    an edit refused for its --out."""
+    out, _ = smoke_run
+    folder = tmp_path_factory.mktemp("attgan_cli")
+    photo = folder / "me.png"
+    Image.fromarray((torch.rand(60, 50, 3) * 255).byte().numpy()).save(photo)
+    calls = {"help": ["--help"], "edit_help": ["edit", "--help"],
+             "second_run": ["--smoke", "--out", out],
+             "edit": ["edit", "--ckpt", out / "ckpt.pt", "--image", photo, "--set", "Eyeglasses=1",
+                      "--set", "blond_hair=0.5", "--out", folder / "me_edited.png"],
+             "edit_txt": ["edit", "--ckpt", out / "ckpt.pt", "--out", folder / "edit.txt"]}
+    result = Commands()
+    result.folder, result.listing_before = folder, listing(out)
+    env = dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache), OMP_NUM_THREADS="1")
+    result.update(zip(calls, commands([("attgan.py", argv) for argv in calls.values()], env,
+                                      folder / "driver")))
+    return result
 
 
 def test_smoke_run_writes_checkpoint_grid_and_metrics(smoke_run):
@@ -267,7 +289,8 @@ def test_smoke_run_writes_checkpoint_grid_and_metrics(smoke_run):
     assert state["opt_g"]["state"] and state["opt_d"]["state"]  # both networks were updated
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6]
-    # the learning rate drops ×0.1 from epoch 0.1 = step round(0.1 · 360 / 8) = 4 on
+    # the learning rate drops ×0.1 from epoch 0.11 = step round(0.11 · 360 / 8) = 5 on: the last step,
+    # logged at 6 (one step late, it would still read 2e-4 there)
     assert [r["lr"] for r in records] == [2e-4, 2e-4, pytest.approx(2e-5)]
     assert "step 6/6" in stdout and "img/s" in stdout and "ETA" in stdout
     for step in (3, 6):
@@ -306,10 +329,11 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     assert (out / "ckpt.pt").read_bytes() == before
 
 
-def test_refusals_before_any_work(smoke_run, tmp_path):
+def test_refusals_before_any_work(smoke_run, tmp_path, cli):
     """Each bad input gets one line, and nothing in an existing run folder changes."""
     out, _ = smoke_run
-    listing = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*") if p.name != ".lock")
+    before = listing(out)
+    assert before == cli.listing_before  # the second run from the command line changed nothing
     a_file = tmp_path / "file"
     a_file.write_text("x")
     cases = [(["--out", out], "holds a run (ckpt.pt, metrics.jsonl, samples)"),
@@ -327,11 +351,11 @@ def test_refusals_before_any_work(smoke_run, tmp_path):
             attgan.main(["--smoke", *map(str, argv)])
         assert message in str(err.value) and "\n" not in str(err.value), (argv, str(err.value))
         del err  # its traceback would keep the run folder's lock open
-    proc = run("--smoke", "--out", out, timeout=60)  # as a user sees it: one line, exit code 1
+    proc = cli["second_run"]  # as a user sees it: one line, exit code 1
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[1:] == [
         f"error: --out {out} holds a run (ckpt.pt, metrics.jsonl, samples): continue it with "
         f"--resume or choose another --out (nothing was changed)"]
-    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*") if p.name != ".lock") == listing
+    assert listing(out) == before
 
 
 def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):
@@ -363,26 +387,23 @@ def test_checkpoints_of_other_programs_are_refused_in_one_line(tmp_path):
         assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("command", [[], ["edit"]])
-def test_help(command):
-    proc = run(*command, "--help", timeout=60)
+@pytest.mark.parametrize("command", ["help", "edit_help"])
+def test_help(command, cli):
+    proc = cli[command]  # `python attgan.py --help`, `python attgan.py edit --help`
     assert proc.returncode == 0 and "--out" in proc.stdout and "(default:" in proc.stdout
+    assert proc.stdout.startswith("usage: attgan.py edit" if command == "edit_help" else "usage: attgan.py")
 
 
-def test_edit_an_image_file(smoke_run, tmp_path):
-    out, _ = smoke_run
-    photo = tmp_path / "me.png"
-    Image.fromarray((torch.rand(60, 50, 3) * 255).byte().numpy()).save(photo)
-    target = tmp_path / "me_edited.png"
-    proc = run("edit", "--ckpt", out / "ckpt.pt", "--image", photo, "--set", "Eyeglasses=1",
-               "--set", "blond_hair=0.5", "--out", target, timeout=120)
+def test_edit_an_image_file(cli):
+    target = cli.folder / "me_edited.png"
+    proc = cli["edit"]  # a 50x60 random photo, --set Eyeglasses=1 --set blond_hair=0.5
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = {line.split()[0]: float(line.split()[1]) for line in proc.stdout.splitlines()
                if line.startswith("  ")}
     assert sorted(printed) == DEMO_ATTRS and all(0 <= p <= 1 for p in printed.values())
     with Image.open(target) as edited:
         assert edited.size == (32, 32)  # the edited face alone, at the model's size
-    proc = run("edit", "--ckpt", out / "ckpt.pt", "--out", tmp_path / "edit.txt", timeout=60)
+    proc = cli["edit_txt"]  # --out edit.txt
     assert proc.returncode == 1 and "expected a .png or .jpg" in proc.stderr
 
 

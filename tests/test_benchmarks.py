@@ -7,7 +7,7 @@ import dataclasses
 import json
 import math
 import os
-import subprocess
+import shutil
 import sys
 import types
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, commands
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import evaluate  # noqa: E402
@@ -115,14 +115,31 @@ def test_retrieval_matrix_has_a_perfect_diagonal_on_a_disentangled_toy_code():
 # ------------------------------------------------------------------------------------------------
 # The judge
 # ------------------------------------------------------------------------------------------------
+HELP_SCRIPTS = ["benchmarks/evaluate.py", "benchmarks/judge.py", "benchmarks/speed.py"]
+
+
 @pytest.fixture(scope="session")
-def smoke_judge(tmp_path_factory, face_attr_cache):
-    """One --smoke judge (200 steps on demo:16, 32 px) for the whole file, through the CLI."""
-    path = tmp_path_factory.mktemp("judge") / "judge.pt"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "judge.py"), "--smoke", "--out",
-                    str(path)], cwd=ROOT, env=dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache)),
-                   check=True, capture_output=True)
-    return path
+def cli(tmp_path_factory, face_attr_cache):
+    """This file's command lines, in order, in ONE fresh interpreter (conftest.commands): a --smoke
+    judge (200 steps on demo:16, 32 px) for the whole file, --help of the three scripts, and
+    evaluate.py's do-nothing floor scored by that judge."""
+    folder = tmp_path_factory.mktemp("judge")
+    calls = {"judge": ("benchmarks/judge.py", ["--smoke", "--out", folder / "judge.pt"]),
+             **{script: (script, ["--help"]) for script in HELP_SCRIPTS},
+             "noop": ("benchmarks/evaluate.py", ["--method", "noop", "--data", "demo:16", "--judge",
+                                                 folder / "judge.pt", "--img-size", "16", "--true-images",
+                                                 "4", "--json", folder / "noop.json"])}
+    env = dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache), OMP_NUM_THREADS="1")
+    result = dict(zip(calls, commands(list(calls.values()), env, folder / "driver")))
+    result["folder"] = folder
+    return result
+
+
+@pytest.fixture(scope="session")
+def smoke_judge(cli):
+    """The --smoke judge, trained through the command line."""
+    assert cli["judge"].returncode == 0, cli["judge"].stdout[-3000:] + cli["judge"].stderr[-3000:]
+    return cli["folder"] / "judge.pt"
 
 
 def test_judge_beats_the_majority_rate_on_the_demo_test_split(smoke_judge):
@@ -358,10 +375,10 @@ def test_a_perfect_demo_editor_scores_the_oracle(smoke_judge):
     assert result["psnr"] == pytest.approx(100.0) and result["ssim"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_noop_from_the_command_line_is_the_floor_of_a_table(smoke_judge, run_script, tmp_path):
-    out = tmp_path / "noop.json"
-    proc = run_script("benchmarks/evaluate.py", "--method", "noop", "--data", "demo:16", "--judge",
-                      smoke_judge, "--img-size", "16", "--true-images", "4", "--json", out)
+def test_noop_from_the_command_line_is_the_floor_of_a_table(smoke_judge, cli):
+    out = cli["folder"] / "noop.json"
+    proc = cli["noop"]  # evaluate.py --method noop --data demo:16 --img-size 16 --true-images 4
+    assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert "noop on demo:16" in proc.stdout and r["img_size"] == 16 and r["images"] == 60
     assert set(r["edit_acc_per_attr"].values()) == {0.0} and r["preservation"] == 1.0
@@ -383,8 +400,11 @@ EXPECTED = {  # what each method supports, hence which numbers it must get
 
 
 @pytest.mark.parametrize("method", sorted(EXPECTED))
-def test_evaluate_scores_a_smoke_checkpoint(method, smoke_judge, tmp_path, run_script, capsys):
-    run_script(f"{method}.py", "--smoke", "--out", tmp_path / method)
+def test_evaluate_scores_a_smoke_checkpoint(method, smoke_judge, tmp_path, request, capsys):
+    """The session's `python <method>.py --smoke` run (conftest.py), copied here: an adapter may
+    write beside the checkpoint (feature_ae's vectors.pt)."""
+    run, _ = request.getfixturevalue(f"{method}_smoke")
+    shutil.copytree(run, tmp_path / method)
     ckpt = tmp_path / method / ("ae" if method == "mad" else "") / "ckpt.pt"  # mad: one per stage
     out = tmp_path / f"{method}.json"
     evaluate.main(["--method", method, "--ckpt", str(ckpt), "--data", "demo:16", "--judge",
@@ -440,16 +460,19 @@ def test_evaluate_scores_the_do_nothing_floor_at_the_method_size(smoke_judge, mo
         assert set(r["edit_acc_per_attr"].values()) == {0.0} and r["preservation"] == 1.0
 
 
-@pytest.mark.parametrize("script", ["benchmarks/evaluate.py", "benchmarks/judge.py", "benchmarks/speed.py"])
-def test_help(script, run_script):
-    out = run_script(script, "--help").stdout
-    assert out.startswith("usage:") and "--data" in out
+@pytest.mark.parametrize("script", HELP_SCRIPTS)
+def test_help(script, cli):
+    proc = cli[script]  # `python benchmarks/<script>.py --help`
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"usage: {script.split('/')[1]}") and "--data" in proc.stdout
 
 
-def test_speed_reports_img_per_s_from_a_real_training_loop(run_script):
-    proc = run_script("benchmarks/speed.py", "--quick", "--methods", "cgan", "--batch-sizes", "16",
-                      "--amp", "off", "--compile", "off", "--steps", "4")
-    row = [line.split() for line in proc.stdout.splitlines() if line.startswith("cgan")]
+def test_speed_reports_img_per_s_from_a_real_training_loop(capsys):
+    """speed.main in this process; the training loop it times runs through cgan.py's command line."""
+    import speed
+    speed.main(["--quick", "--methods", "cgan", "--batch-sizes", "16", "--amp", "off", "--compile",
+                "off", "--steps", "4"])
+    row = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("cgan")]
     assert len(row) == 1 and row[0][:4] == ["cgan", "16", "off", "off"]
     assert float(row[0][4]) > 0
 

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -15,7 +14,7 @@ import torch.nn as nn
 
 import cgan
 from common import InputError
-from conftest import ROOT
+from conftest import ROOT, commands
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from adapters import cgan as cgan_adapter  # noqa: E402
@@ -309,7 +308,7 @@ def test_bad_arguments_are_refused_before_any_data_is_read(argv, message, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def test_checkpoints_of_other_scripts_are_refused_in_one_line(tmp_path, run_script):
+def test_checkpoints_of_other_scripts_are_refused_in_one_line(tmp_path, cli):
     foreign = tmp_path / "ckpt.pt"
     torch.save({"script": "attgan.py", "config": {}, "step": 1}, foreign)
     with pytest.raises(InputError, match="expected a checkpoint written by cgan.py, found attgan.py"):
@@ -317,17 +316,17 @@ def test_checkpoints_of_other_scripts_are_refused_in_one_line(tmp_path, run_scri
     torch.save({"weights": torch.zeros(2)}, foreign)  # a plain torch file
     with pytest.raises(InputError, match="expected a checkpoint written by cgan.py, found another"):
         cgan.load(foreign)
-    proc = run_script("cgan.py", "--smoke", "--resume", "--out", tmp_path, check=False)
+    proc, foreign = cli["foreign"], cli.folder / "foreign" / "ckpt.pt"  # the same file, through the CLI
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("note:")]
     assert errors == [f"error: {foreign}: expected a checkpoint written by cgan.py, found another program"]
 
 
-def test_a_second_run_into_the_same_folder_is_refused_and_changes_nothing(smoke_run, run_script):
-    before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file() and p.name != ".lock"}
-    proc = run_script("cgan.py", "--smoke", "--out", smoke_run, check=False)
+def test_a_second_run_into_the_same_folder_is_refused_and_changes_nothing(smoke_run, cli):
+    proc = cli["second_run"]  # `python cgan.py --smoke --out <the smoke run>`
     assert proc.returncode != 0 and "holds a run" in proc.stderr and "Traceback" not in proc.stderr
-    assert before == {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert cli.smoke_files_before == {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*")
+                                      if p.is_file() and p.name != ".lock"}
 
 
 def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -341,9 +340,10 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, monke
     assert state["step"] == 2 and all(v.isfinite().all() for v in state["generator"].values() if v.is_floating_point())
 
 
-def test_help_through_the_command_line(run_script):
+def test_help_through_the_command_line(cli):
     """`python cgan.py --help` (the script has no sub-commands)."""
-    out = run_script("cgan.py", "--help").stdout
+    assert cli["help"].returncode == 0
+    out = cli["help"].stdout
     for option in ("--g-input", "--attr-join", "--preset", "notebook23", "--crop"):
         assert option in out
     assert "usage: cgan.py" in out
@@ -353,12 +353,37 @@ def test_help_through_the_command_line(run_script):
 # The command line: --smoke, exact resume; the evaluation adapter
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, face_attr_cache):
-    out = tmp_path_factory.mktemp("cgan_smoke")
-    subprocess.run([sys.executable, str(ROOT / "cgan.py"), "--smoke", "--out", str(out)], cwd=ROOT,
-                   env=dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache)), check=True,
-                   capture_output=True)
-    return out
+def smoke_run(cgan_smoke):
+    """`python cgan.py --smoke` (conftest.py's session run, shared with tests/test_benchmarks.py)."""
+    return cgan_smoke[0]
+
+
+class Commands(dict):
+    """name -> CompletedProcess of each command line below; .folder, .smoke_files_before."""
+
+
+@pytest.fixture(scope="module")
+def cli(smoke_run, tmp_path_factory, face_attr_cache):
+    """This file's command lines, in order, in ONE fresh interpreter (conftest.commands): --help,
+    --resume onto a plain torch file, a second run into the smoke run's folder, and an exact
+    resume (2 steps, then on to 4; then a resume with another preset, refused)."""
+    folder = tmp_path_factory.mktemp("cgan_cli")
+    (folder / "foreign").mkdir()
+    torch.save({"weights": torch.zeros(2)}, folder / "foreign" / "ckpt.pt")  # a plain torch file
+    calls = {"help": ["--help"],
+             "foreign": ["--smoke", "--resume", "--out", folder / "foreign"],
+             "second_run": ["--smoke", "--out", smoke_run],
+             "first_2": ["--smoke", "--steps", 2, "--out", folder / "resumed"],
+             "resume_4": ["--smoke", "--steps", 4, "--resume", "--out", folder / "resumed"],
+             "refused": ["--smoke", "--steps", 6, "--resume", "--preset", "cube", "--out", folder / "resumed"]}
+    result = Commands()
+    result.folder = folder
+    result.smoke_files_before = {p: p.stat().st_mtime_ns for p in smoke_run.rglob("*")
+                                 if p.is_file() and p.name != ".lock"}
+    env = dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache), OMP_NUM_THREADS="1")
+    procs = commands([("cgan.py", argv) for argv in calls.values()], env, folder / "driver")
+    result.update(zip(calls, procs))
+    return result
 
 
 def test_smoke_run_writes_every_output(smoke_run):
@@ -376,16 +401,15 @@ def test_smoke_run_writes_every_output(smoke_run):
     assert set(state) >= {"generator", "discriminator", "opt_g", "opt_d", "config"}
 
 
-def test_resume_equals_an_uninterrupted_run(smoke_run, run_script, tmp_path):
-    run_script("cgan.py", "--smoke", "--steps", 2, "--out", tmp_path)
-    run_script("cgan.py", "--smoke", "--steps", 4, "--resume", "--out", tmp_path)
-    resumed = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+def test_resume_equals_an_uninterrupted_run(smoke_run, cli):
+    for name in ("first_2", "resume_4"):  # `--steps 2`, then `--steps 4 --resume`
+        assert cli[name].returncode == 0, cli[name].stderr[-3000:]
+    resumed = torch.load(cli.folder / "resumed" / "ckpt.pt", weights_only=True)
     straight = torch.load(smoke_run / "ckpt.pt", weights_only=True)
     for net in ("generator", "discriminator"):
         for key, value in straight[net].items():
             assert torch.equal(value, resumed[net][key]), f"{net}.{key}"
-    refused = run_script("cgan.py", "--smoke", "--steps", 6, "--resume", "--preset", "cube",
-                         "--out", tmp_path, check=False)
+    refused = cli["refused"]  # `--steps 6 --resume --preset cube`
     assert refused.returncode != 0 and "g_input" in refused.stderr and "Traceback" not in refused.stderr
 
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import ROOT
+from conftest import ROOT, commands
 
 ATTRS = ["Eyeglasses", "Smiling", "Male", "Blond_Hair"]
 
@@ -183,17 +183,28 @@ def test_unknown_attribute_suggests_the_closest_name(official):
     assert common.resolve_attrs(["eyeglasses", "MALE"]) == ["Eyeglasses", "Male"]
 
 
-def test_command_line_errors_are_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "common.py"), "info", str(tmp_path / "x")],
-                          capture_output=True, text=True, cwd=ROOT)
+@pytest.fixture(scope="module")
+def cli(official, tmp_path_factory):
+    """This file's `python common.py ...` command lines in ONE fresh interpreter (conftest.commands),
+    with a cache folder of their own (bench must build its cache): bench, info of a missing folder,
+    --help, info of the official-layout set."""
+    folder = tmp_path_factory.mktemp("common_cli")
+    calls = {"bench": ["bench", "--data", official, "--img-size", "16", "--batch-size", "4",
+                       "--steps", "3", "--device", "cpu"],
+             "missing": ["info", folder / "x"], "help": ["--help"], "info": ["info", official]}
+    env = dict(os.environ, FACE_ATTR_CACHE=str(folder / "cache"), OMP_NUM_THREADS="1")
+    return dict(zip(calls, commands([("common.py", argv) for argv in calls.values()], env, folder / "driver")))
+
+
+def test_command_line_errors_are_one_line(cli):
+    proc = cli["missing"]  # `python common.py info <a folder that does not exist>`
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: data folder not found") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_help_of_the_script_and_every_sub_command(capsys):
-    proc = subprocess.run([sys.executable, str(ROOT / "common.py"), "--help"],
-                          capture_output=True, text=True, cwd=ROOT)
+def test_help_of_the_script_and_every_sub_command(capsys, cli):
+    proc = cli["help"]
     assert proc.returncode == 0 and proc.stdout.startswith("usage: common.py")
     assert "info" in proc.stdout and "bench" in proc.stdout and "download" in proc.stdout
     for command in ("info", "download", "bench"):  # the same parser, in this process
@@ -527,11 +538,9 @@ def test_streamed_batches_equal_the_resident_ones_in_any_order(official):
         common.to_device(data, "cpu", gpu_cache="sometimes")
 
 
-def test_bench_prints_build_memory_and_both_paths(official, tmp_path):
-    env = dict(os.environ, FACE_ATTR_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "common.py"), "bench", "--data", str(official),
-                           "--img-size", "16", "--batch-size", "4", "--steps", "3", "--device", "cpu"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+def test_bench_prints_build_memory_and_both_paths(cli):
+    proc = cli["bench"]  # bench --img-size 16 --batch-size 4 --steps 3 --device cpu, a fresh cache
+    assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("cache build: 30 images in") and "img/s" in lines[0]
     assert "peak resident memory" in lines[0]
@@ -636,9 +645,9 @@ def test_image_outputs(tmp_path):
         assert plot.size == (800, 260)  # two panels side by side (4 x 2.6 inches each, 100 dpi)
 
 
-def test_info_command_describes_the_dataset(official):
-    proc = subprocess.run([sys.executable, str(ROOT / "common.py"), "info", str(official)],
-                          capture_output=True, text=True, cwd=ROOT, check=True)
+def test_info_command_describes_the_dataset(official, cli):
+    proc = cli["info"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert "layout: official" in proc.stdout and "identities: 6 (5.0 images each" in proc.stdout
     _, parts = common.read_annotation(official / "list_eval_partition.txt")
     sizes = [sum(v == [str(k)] for v in parts.values()) for k in range(3)]

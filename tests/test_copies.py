@@ -6,6 +6,7 @@ finds the definition of the same name in the named file and compares the two sou
 (docstring and comments included), so a fix made in one copy cannot silently miss the others.
 """
 import ast
+import functools
 import re
 
 import pytest
@@ -16,11 +17,14 @@ METHOD_FILES = ("attgan.py", "dual_transfer.py", "cgan.py", "feature_ae.py", "ma
 MARKER = re.compile(r"^# Copied from (\w+\.py)\s*$")
 
 
+@functools.lru_cache(maxsize=None)
 def top_level_definitions(path):
-    """name -> (source text, first line) of each top-level def/class in `path`."""
+    """name -> (source text, first line) of each top-level def/class in `path` (read once per
+    session: ast.get_source_segment re-splits the whole file for every definition)."""
     source = path.read_text()
+    lines = source.splitlines(keepends=True)
     tree = ast.parse(source)
-    return {node.name: (ast.get_source_segment(source, node), node.lineno)
+    return {node.name: ("".join(lines[node.lineno - 1:node.end_lineno])[node.col_offset:], node.lineno)
             for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
 
 

@@ -5,7 +5,6 @@ in fp32 under bf16 autocast); the attribute vectors; vectors.pt keyed by the wei
 reused vectors.pt); the command line (smoke run, exact resume across a phase change, --help,
 out-of-range arguments, foreign checkpoints, the NaN guard) and the evaluation adapter."""
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,19 +15,13 @@ from PIL import Image
 
 import common
 import feature_ae
-from conftest import ROOT
+from conftest import ROOT, commands
 from feature_ae import DCAE, PGAE, InputError
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from adapters import feature_ae as adapter  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-def run_cli(cache_env, *args):
-    env = dict(cache_env, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(ROOT / "feature_ae.py"), *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,12 +244,27 @@ def test_edit_codes_adds_and_removes_vectors():
 # Command line end to end
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, face_attr_cache):
+def cli(tmp_path_factory, face_attr_cache):
+    """This file's command lines, in order, in ONE fresh interpreter (conftest.commands):
+    `python feature_ae.py --smoke --arch pgae` (8 -> 16 -> 32 px), --help of the script and of
+    show, and show with another script's checkpoint."""
+    folder = tmp_path_factory.mktemp("fae_smoke")
+    torch.save({"script": "attgan.py", "model": {}}, folder / "attgan.pt")
+    calls = {"smoke": ["--smoke", "--arch", "pgae", "--out", folder / "run"], "help": ["--help"],
+             "show_help": ["show", "--help"], "foreign": ["show", "--ckpt", folder / "attgan.pt"]}
+    env = dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache), OMP_NUM_THREADS="1")
+    result = dict(zip(calls, commands([("feature_ae.py", argv) for argv in calls.values()], env,
+                                      folder / "driver")))
+    result["folder"] = folder
+    return result
+
+
+@pytest.fixture(scope="module")
+def smoke_run(cli):
     """`python feature_ae.py --smoke --arch pgae` through the command line (8 -> 16 -> 32 px)."""
-    out = tmp_path_factory.mktemp("fae_smoke")
-    proc = run_cli(dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache)), "--smoke", "--arch", "pgae", "--out", out)
+    proc = cli["smoke"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+    return cli["folder"] / "run", proc.stdout
 
 
 def test_smoke_run_writes_checkpoint_metrics_and_samples(smoke_run):
@@ -304,10 +312,10 @@ def test_resume_across_a_pgae_phase_change_equals_a_straight_run(tmp_path):
         feature_ae.main(["--smoke", "--img-size", "16", "--out", str(split), "--resume"])
 
 
-def test_help_of_the_script_and_its_sub_command(cache_env):
-    for args, words in ((["--help"], ["--arch", "--phase-steps", "--vgg-weights"]),
-                        (["show", "--help"], ["--ckpt", "--frames", "--image"])):
-        proc = run_cli(cache_env, *args)
+def test_help_of_the_script_and_its_sub_command(cli):
+    for name, words in (("help", ["--arch", "--phase-steps", "--vgg-weights"]),
+                        ("show_help", ["--ckpt", "--frames", "--image"])):
+        proc = cli[name]  # `python feature_ae.py [show] --help`
         assert proc.returncode == 0 and all(w in proc.stdout for w in words), proc.stderr[-2000:]
 
 
@@ -349,13 +357,13 @@ def test_a_second_run_into_a_run_folder_is_refused_and_changes_nothing(smoke_run
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
-def test_foreign_checkpoints_are_refused_in_one_line(tmp_path, cache_env, smoke_run):
+def test_foreign_checkpoints_are_refused_in_one_line(tmp_path, cli, smoke_run):
     torch.save({"script": "attgan.py", "model": {}}, tmp_path / "attgan.pt")
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     for path, writer in ((tmp_path / "attgan.pt", "attgan.py"), (tmp_path / "tensor.pt", "not a checkpoint")):
         with pytest.raises(InputError, match=f"expected a checkpoint written by feature_ae.py, found {writer}"):
             feature_ae.load(path)
-    proc = run_cli(cache_env, "show", "--ckpt", tmp_path / "attgan.pt")
+    proc = cli["foreign"]  # `python feature_ae.py show --ckpt <the same attgan.py checkpoint>`
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "attgan.py" in proc.stderr
     with pytest.raises(InputError, match="--frames 1"):

@@ -332,20 +332,10 @@ def test_ae_and_joint_steps_update_their_networks():
 # Command line end to end
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory, face_attr_cache):
-    """`python mad.py --smoke --stage S` for the three stages in order, through the command line."""
-    import os
-    import subprocess
-    out = tmp_path_factory.mktemp("mad_smoke")
-    env = dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache), OMP_NUM_THREADS="1")
-    stdout = {}
-    for stage in mad.STAGES:
-        proc = subprocess.run([sys.executable, str(ROOT / "mad.py"), "--smoke", "--out", str(out),
-                               "--stage", stage], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        stdout[stage] = proc.stdout
-    return out, stdout
+def smoke_runs(mad_smoke):
+    """`python mad.py --smoke --stage S` for the three stages in order, through the command line
+    (conftest.py's session run, shared with tests/test_benchmarks.py)."""
+    return mad_smoke
 
 
 def test_smoke_runs_of_the_three_stages_write_their_files(smoke_runs):
@@ -376,7 +366,7 @@ def test_smoke_runs_of_the_three_stages_write_their_files(smoke_runs):
         assert not all(torch.equal(v, joint["nets"][k]) for k, v in part(dis, net).items()), net
 
 
-def test_swap_command_and_help(smoke_runs, tmp_path, run_script):
+def test_swap_command_and_help(smoke_runs, tmp_path, run_commands):
     out, _ = smoke_runs
     path = mad.main(["swap", "--ckpt", str(out / "joint" / "ckpt.pt"), "--pairs", "3",
                      "--out", str(tmp_path / "s.png")])
@@ -384,10 +374,12 @@ def test_swap_command_and_help(smoke_runs, tmp_path, run_script):
         assert grid.width > 3 * 32 and grid.height > 7 * 32  # 7 rows x 3 pairs
     with pytest.raises(mad.InputError, match="expected a .png or .jpg"):  # before loading anything
         mad.main(["swap", "--ckpt", str(tmp_path / "absent.pt"), "--out", str(tmp_path / "grid")])
-    text = " ".join(run_script("mad.py", "--help").stdout.split())
+    train, swap = run_commands(("mad.py", ["--help"]), ("mad.py", ["swap", "--help"]))
+    assert train.returncode == 0 and swap.returncode == 0, train.stderr + swap.stderr
+    text = " ".join(train.stdout.split())
     assert "--lr-dis LR_DIS Adam learning rate of E_dis and G_dis" in text and "(default: 8e-05)" in text
     assert "--margin MARGIN triplet margin" in text and "--stage STAGE" in text
-    text = " ".join(run_script("mad.py", "swap", "--help").stdout.split())
+    text = " ".join(swap.stdout.split())
     assert text.startswith("usage: mad.py swap") and "--pairs PAIRS number of (A, B) pairs" in text
 
 
@@ -418,15 +410,15 @@ def test_adapter_encodes_the_four_factors(smoke_runs):
 
 def test_resume_after_2_steps_then_2_more_equals_4_straight(smoke_runs, tmp_path):
     """In the joint stage: all networks, all losses, identity-paired batches, mining, permutations,
-    D_z's dropout."""
+    D_z's dropout. The 4 straight steps are the smoke run's joint stage (from the same disentangle
+    checkpoint, logging every 2nd step where these log every step: logging must not matter)."""
     out, _ = smoke_runs
     common_args = ["--smoke", "--stage", "joint", "--init", str(out / "disentangle" / "ckpt.pt"),
                    "--log-every", "1"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    mad.main([*common_args, "--steps", "4", "--out", str(straight)])
+    split = tmp_path / "split"
     mad.main([*common_args, "--steps", "2", "--out", str(split)])
     mad.main([*common_args, "--steps", "4", "--out", str(split), "--resume"])
-    a = torch.load(straight / "joint" / "ckpt.pt", weights_only=True)
+    a = torch.load(out / "joint" / "ckpt.pt", weights_only=True)
     b = torch.load(split / "joint" / "ckpt.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
     assert len(a["nets"]) == len(b["nets"]) > 100
