@@ -128,7 +128,7 @@ POSITIVE = ("n_layers", "enc_dim", "dec_dim", "dis_dim", "max_dim", "dis_fc_dim"
             "lr", "epochs", "batch_size", "img_size", "crop", "log_every", "sample_every", "ckpt_every")  # > 0
 PRESETS = {  # applied to the fields the user did not type; README.md says what cpu-demo changes
     "smoke": dict(data="demo:16", img_size=32, n_layers=4, enc_dim=8, dec_dim=8, dis_dim=8,
-                  max_dim=32, dis_fc_dim=32, batch_size=8, n_d=1, steps=6, lr_decay_epoch=0.1,
+                  max_dim=32, dis_fc_dim=32, batch_size=8, n_d=1, steps=6, lr_decay_epoch=0.11,
                   log_every=2, sample_every=3, ckpt_every=3),
     "cpu-demo": dict(img_size=64, enc_dim=16, dec_dim=16, dis_dim=16, max_dim=128,
                      dis_fc_dim=128, n_d=2, epochs=10.0, lr_decay_epoch=8.0, log_every=50,
@@ -355,6 +355,16 @@ def flip_grid(g, images, attr_src, attr_names, thres_int, test_int):
     return torch.stack([c.float() for c in columns], 1), labels
 
 
+@torch.no_grad()
+def save_samples(g, samples, names, args, path, step):
+    """The fixed validation faces with every attribute flipped, as a labelled grid PNG."""
+    g.eval()
+    with autocast(next(g.parameters()).device, args.amp):
+        grid, labels = flip_grid(g, *samples, names, args.thres_int, args.test_int)
+    g.train()
+    common.save_grid(grid, path, col_labels=labels, title=f"AttGAN, step {step}")
+
+
 def load(ckpt, device="cpu"):
     """A trained checkpoint -> (G, D in eval mode on `device`, config dict, attribute names)."""
     state = load_checkpoint(ckpt)
@@ -518,16 +528,6 @@ def log_progress(out, done, total, lr, totals, steps_per_s, args, g, d):
         f.write(json.dumps(record) + "\n")
     print(f"step {done}/{total}  " + "  ".join(f"{k} {v:.4g}" for k, v in means.items()) + f"  lr {lr:.1e}  "
           f"{record['img_per_s']:.0f} img/s  ETA {(total - done) / steps_per_s / 60:.1f} min", flush=True)
-
-
-@torch.no_grad()
-def save_samples(g, samples, names, args, path, step):
-    """The fixed validation faces with every attribute flipped, as a labelled grid PNG."""
-    g.eval()
-    with autocast(next(g.parameters()).device, args.amp):
-        grid, labels = flip_grid(g, *samples, names, args.thres_int, args.test_int)
-    g.train()
-    common.save_grid(grid, path, col_labels=labels, title=f"AttGAN, step {step}")
 
 
 def report_rank_disagreement(g, d):
