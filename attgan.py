@@ -130,9 +130,9 @@ PRESETS = {  # applied to the fields the user did not type; README.md says what 
     "smoke": dict(data="demo:16", img_size=32, n_layers=4, enc_dim=8, dec_dim=8, dis_dim=8,
                   max_dim=32, dis_fc_dim=32, batch_size=8, n_d=1, steps=6, lr_decay_epoch=0.11,
                   log_every=2, sample_every=3, ckpt_every=3),
-    "cpu-demo": dict(img_size=64, enc_dim=16, dec_dim=16, dis_dim=16, max_dim=128,
-                     dis_fc_dim=128, n_d=2, epochs=10.0, lr_decay_epoch=8.0, log_every=50,
-                     sample_every=500, ckpt_every=500),
+    "cpu-demo": dict(img_size=64, n_layers=4, enc_dim=16, dec_dim=16, dis_dim=16, max_dim=128,
+                     dis_fc_dim=128, inject_layers=2, lambda_cls_g=20.0, test_int=2.0, n_d=1, lr=5e-4,
+                     epochs=8.0, lr_decay_epoch=6.5, log_every=50, sample_every=400, ckpt_every=400),
 }
 RESUME_MUST_MATCH = ("data", "attrs", "img_size", "crop", "n_layers", "enc_dim", "dec_dim", "dis_dim", "max_dim",
                      "dis_fc_dim", "shortcut_layers", "inject_layers", "thres_int", "lambda_rec", "lambda_cls_g",
@@ -381,7 +381,7 @@ class EditArgs:
     image: str = None  # a photo (jpg/png), the face centred and filling most of the frame
     index: int = 0  # without --image: this image of the checkpoint's data set ('val' split)
     set: list = dataclasses.field(default_factory=list)  # Attr=v: G sees (2v − 1)·test_int (1 on, 0 off, 1.5 more)
-    test_int: float = 1.0  # the edited attributes' scale (training saw ±thres_int, 0.5)
+    test_int: float = 0.0  # the edited attributes' scale (0: the checkpoint's, 1 paper, 2 cpu-demo; training saw ±0.5)
     out: str = None  # output PNG (default: edit.png beside the checkpoint)
 
 
@@ -392,6 +392,7 @@ def edit(args):
         raise InputError(f"--out {args.out}: expected a .png or .jpg file name")
     g, d, config, names = load(args.ckpt, pick_device("auto"))
     size, crop, thres_int = config["img_size"], config["crop"], config["thres_int"]
+    test_int = args.test_int or config["test_int"]
     for item in args.set:
         if not re.fullmatch(r"\w+=[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", item):
             raise InputError(f"--set {item!r}: expected Attr=value, e.g. Eyeglasses=1")
@@ -414,10 +415,10 @@ def edit(args):
         print(f"  {name:<22}{probs[0, k]:6.3f}  {'yes' if probs[0, k] > 0.5 else 'no '}{truth}")
     path = Path(args.out or Path(args.ckpt).parent / "edit.png")
     if changes:  # the edited face alone, at the model's size
-        edited = g(image, edit_inputs(attr_src, names, thres_int, args.test_int, changes))
+        edited = g(image, edit_inputs(attr_src, names, thres_int, test_int, changes))
         torchvision.utils.save_image(edited[0].float().cpu() * 0.5 + 0.5, path)
     else:
-        grid, labels = flip_grid(g, image, attr_src, names, thres_int, args.test_int)
+        grid, labels = flip_grid(g, image, attr_src, names, thres_int, test_int)
         common.save_grid(grid.cpu(), path, col_labels=labels)
     print(f"wrote {path}")
     return path
@@ -687,7 +688,7 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in ("train", "edit") else "train"
     if command == "edit":
-        return edit(parse_dataclass(EditArgs, argv, "attgan.py edit", positive=("test_int",)))
+        return edit(parse_dataclass(EditArgs, argv, "attgan.py edit"))
     return train(parse_dataclass(Args, argv, "attgan.py [train]", positive=POSITIVE))
 
 

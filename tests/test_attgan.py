@@ -220,11 +220,15 @@ def test_the_evaluation_adapter_edits_as_the_official_test(tmp_path):
         tgt = src.clone()
         tgt[:, names.index("Blond_Hair")] = 1
         edited = model.edit(torch.zeros(2, 3, 32, 32), src, tgt)
+        for extra in ([], ["--test-int", "1.5"]):  # `edit` on a photo: the checkpoint's, or the typed one
+            attgan.main(["edit", "--ckpt", str(out / "ckpt.pt"), "--index", "0", "--set", "Blond_Hair=1",
+                         "--out", str(tmp_path / "edit.png"), *extra])
     finally:
         attgan.Generator.forward = original
     expected = torch.full((2, len(names)), -0.5)
     expected[:, names.index("Blond_Hair")] = 0.9
     assert torch.equal(recorder[0], expected) and edited.shape == (2, 3, 32, 32)
+    assert [a[0, names.index("Blond_Hair")].item() for a in recorder[-2:]] == [pytest.approx(0.9), 1.5]
     assert model.img_size == 32 and model.crop == 170 and model.generate is None
 
 
