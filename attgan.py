@@ -48,9 +48,8 @@ Deviations, and why
   is per image: only the speed changes).
 * CUDA runs in bf16 autocast with TF32 and channels_last by default (v1 is fp32; --no-amp gives
   fp32); the gradient penalty is always fp32. benchmarks/gpu_check.sh compares bf16 with fp32.
-* torchrun + DistributedDataParallel for several GPUs; --batch-size is the global batch. On a
-  CPU with the demo set, the cpu-demo preset (PRESETS: small nets, n_d 1, lr 5e-4, λ_cls_g 20,
-  edits at test_int 2; README.md says why).
+* torchrun + DistributedDataParallel for several GPUs; --batch-size is the global batch. CPU + demo:
+  cpu-demo (PRESETS: small nets, n_d 1, lr 5e-4, λ_cls_g 20, test_int 2; README.md says why).
 
 Run (more in README.md)
     python attgan.py                                # demo set; a CPU picks the cpu-demo preset
