@@ -1143,8 +1143,7 @@ def render_face(params):
 
     points = [eyes[0], eyes[1], nose_tip, corners[0], corners[1]]
     pivot = (cx, cy)
-    layer = layer.rotate(-math.degrees(roll), resample=Image.Resampling.BICUBIC, center=pivot)
-    canvas.paste(layer, (0, 0), layer)
+    paste_rotated(canvas, layer, -math.degrees(roll), pivot)
     cos_r, sin_r = math.cos(roll), math.sin(roll)
     landmarks = np.array([[(pivot[0] + (x - pivot[0]) * cos_r - (y - pivot[1]) * sin_r) / S,
                            (pivot[1] + (x - pivot[0]) * sin_r + (y - pivot[1]) * cos_r) / S]
@@ -1153,6 +1152,27 @@ def render_face(params):
     bbox = (int(89 - box_w / 2), int(125 - box_h / 2 - 8), int(box_w), int(box_h))
     image = canvas.resize(OFFICIAL_SIZE[::-1], Image.Resampling.LANCZOS)
     return image, landmarks, bbox
+
+
+def paste_rotated(canvas, layer, degrees, pivot):
+    """canvas.paste(r, (0, 0), r) for r = layer.rotate(degrees, BICUBIC, center=pivot), the same
+    pixels for less work: only the box that holds the layer's drawing and its turned footprint
+    (plus the bicubic filter's reach) is rotated; elsewhere r is transparent anyway."""
+    box = layer.getbbox(alpha_only=True)
+    if box is None:
+        return
+    cos_a, sin_a = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    xs, ys = [box[0], box[2]], [box[1], box[3]]
+    for x, y in ((box[0], box[1]), (box[2], box[1]), (box[0], box[3]), (box[2], box[3])):
+        xs.append(pivot[0] + (x - pivot[0]) * cos_a + (y - pivot[1]) * sin_a)
+        ys.append(pivot[1] - (x - pivot[0]) * sin_a + (y - pivot[1]) * cos_a)
+    margin = 4  # bicubic reads 2 px either side
+    left, top = max(0, math.floor(min(xs)) - margin), max(0, math.floor(min(ys)) - margin)
+    right = min(layer.width, math.ceil(max(xs)) + margin)
+    bottom = min(layer.height, math.ceil(max(ys)) + margin)
+    part = layer.crop((left, top, right, bottom)).rotate(
+        degrees, resample=Image.Resampling.BICUBIC, center=(pivot[0] - left, pivot[1] - top))
+    canvas.paste(part, (left, top), part)
 
 
 def _render_to_file(job):

@@ -767,6 +767,27 @@ def test_demo_landmarks_follow_the_pose():
     assert (rolled > 0).all() and (rolled[:, 0] < 178).all() and (rolled[:, 1] < 218).all()
 
 
+@pytest.mark.parametrize("degrees,pivot,shape", [(-12.0, (178, 250), (120, 140, 240, 330)),
+                                                  (7.5, (60, 60), (0, 0, 90, 70)),  # at the corner
+                                                  (45.0, (100, 100), (250, 300, 330, 380)),  # far off
+                                                  (-30.0, (178, 218), (20, 300, 60, 340)),
+                                                  (3.0, (178, 218), None)])  # nothing drawn
+def test_paste_rotated_equals_rotating_the_whole_layer(degrees, pivot, shape):
+    from PIL import ImageDraw
+    rng = np.random.default_rng(0)
+    canvas = Image.fromarray(rng.integers(0, 256, (436, 356, 3), dtype=np.uint8))
+    layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    if shape:
+        draw = ImageDraw.Draw(layer)
+        draw.rectangle(shape, fill=(200, 30, 90, 255))  # square corners: the filter's spill shows
+        draw.ellipse((shape[0] + 5, shape[1] + 5, shape[0] + 25, shape[1] + 15), fill=(10, 250, 40, 128))
+    whole = layer.rotate(degrees, resample=Image.Resampling.BICUBIC, center=pivot)
+    expected = canvas.copy()
+    expected.paste(whole, (0, 0), whole)
+    common.paste_rotated(canvas, layer, degrees, pivot)
+    assert np.array_equal(np.asarray(canvas), np.asarray(expected))
+
+
 def test_demo_partitions_are_identity_disjoint(official):
     _, parts = common.read_annotation(official / "list_eval_partition.txt")
     _, ids = common.read_annotation(official / "identity_CelebA.txt")
