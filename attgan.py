@@ -49,7 +49,7 @@ Deviations, and why
 * CUDA runs in bf16 autocast with TF32 and channels_last by default (v1 is fp32; --no-amp gives
   fp32); the gradient penalty is always fp32. benchmarks/gpu_check.sh compares bf16 with fp32.
 * torchrun + DistributedDataParallel for several GPUs; --batch-size is the global batch. CPU + demo:
-  cpu-demo (PRESETS: small nets, n_d 1, lr 5e-4, λ_cls_g 20, test_int 2; README.md says why).
+  cpu-demo (PRESETS: small nets, shortcut 2, n_d 1, lr 3e-3, λ_cls_g 20, test_int 3; see README).
 
 Run (more in README.md)
     python attgan.py                                # demo set; a CPU picks the cpu-demo preset
@@ -130,9 +130,9 @@ PRESETS = {  # applied to the fields the user did not type; README.md says what 
     "smoke": dict(data="demo:16", img_size=32, n_layers=4, enc_dim=8, dec_dim=8, dis_dim=8,
                   max_dim=32, dis_fc_dim=32, batch_size=8, n_d=1, steps=6, lr_decay_epoch=0.11,
                   log_every=2, sample_every=3, ckpt_every=3),
-    "cpu-demo": dict(img_size=64, n_layers=4, enc_dim=16, dec_dim=16, dis_dim=16, max_dim=128,
-                     dis_fc_dim=128, inject_layers=2, lambda_cls_g=20.0, test_int=2.0, n_d=1, lr=5e-4,
-                     epochs=8.0, lr_decay_epoch=6.5, log_every=50, sample_every=400, ckpt_every=400),
+    "cpu-demo": dict(img_size=64, n_layers=4, enc_dim=16, dec_dim=16, dis_dim=16, max_dim=128, dis_fc_dim=128,
+                     shortcut_layers=2, lambda_cls_g=20.0, test_int=3.0, n_d=1, lr=3e-3, epochs=7.2,
+                     lr_decay_epoch=5.85, log_every=50, sample_every=400, ckpt_every=400),
 }
 RESUME_MUST_MATCH = ("data", "attrs", "img_size", "crop", "n_layers", "enc_dim", "dec_dim", "dis_dim", "max_dim",
                      "dis_fc_dim", "shortcut_layers", "inject_layers", "thres_int", "lambda_rec", "lambda_cls_g",
