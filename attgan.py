@@ -41,11 +41,11 @@ Deviations, and why
 * Split: the official partition (162,770 train) that common.py gives every method here, not v1's
   images[:182000]; epochs count the images actually used. Crop: a centre 170 square (the port's
   CenterCrop(170); v1 takes the box at x 3, y 26 — a 1-2 px shift). Resize: PIL, not bicubic TF.
-* Default --inject-layers 1: v1's code default is 0, but its README trains the published 128 px
-  model with --shortcut_layers 1 --inject_layers 1. D's InstanceNorm has a scale and a shift (the
-  port's; slim.instance_norm has only the shift).
-* D's step makes its fakes under no_grad and scores real and fake in one batch (InstanceNorm
-  is per image: only the speed changes).
+* Default --inject-layers 1 (v1's code default is 0; its README trains the published 128 px model
+  with --inject_layers 1). D's InstanceNorm has a scale and a shift (the port's; slim's: a shift).
+* D's step makes its fakes under no_grad and scores real and fake in one batch (InstanceNorm is per
+  image). G's step encodes x for each decode (v1 once; DDP syncs only through forward): the same z
+  and gradients, but BatchNorm's running statistics take the batch twice.
 * CUDA runs in bf16 autocast with TF32 and channels_last by default (v1 is fp32; --no-amp gives
   fp32); the gradient penalty is always fp32. benchmarks/gpu_check.sh compares bf16 with fp32.
 * torchrun + DistributedDataParallel for several GPUs; --batch-size is the global batch. CPU + demo:
