@@ -381,7 +381,7 @@ class EditArgs:
     image: str = None  # a photo (jpg/png), the face centred and filling most of the frame
     index: int = 0  # without --image: this image of the checkpoint's data set ('val' split)
     set: list = dataclasses.field(default_factory=list)  # Attr=v: G sees (2v − 1)·test_int (1 on, 0 off, 1.5 more)
-    test_int: float = 0.0  # the edited attributes' scale (0: the checkpoint's, 1 paper, 2 cpu-demo; training saw ±0.5)
+    test_int: float = 0.0  # the edited attributes' scale (0: the checkpoint's, 1 paper, 3 cpu-demo; training saw ±0.5)
     out: str = None  # output PNG (default: edit.png beside the checkpoint)
 
 
