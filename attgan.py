@@ -131,7 +131,7 @@ PRESETS = {  # applied to the fields the user did not type; README.md says what 
                   max_dim=32, dis_fc_dim=32, batch_size=8, n_d=1, steps=6, lr_decay_epoch=0.11,
                   log_every=2, sample_every=3, ckpt_every=3),
     "cpu-demo": dict(img_size=64, n_layers=4, enc_dim=16, dec_dim=12, dis_dim=16, max_dim=128, dis_fc_dim=128,
-                     shortcut_layers=2, lambda_cls_g=20.0, test_int=3.0, n_d=1, lr=3e-3, epochs=8.0,
+                     shortcut_layers=2, lambda_cls_g=20.0, test_int=3.0, n_d=1, lr=3e-3, epochs=7.0,
                      lr_decay_epoch=6.5, log_every=50, sample_every=400, ckpt_every=400),
 }
 RESUME_MUST_MATCH = ("data", "attrs", "img_size", "crop", "n_layers", "enc_dim", "dec_dim", "dis_dim", "max_dim",
