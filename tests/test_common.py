@@ -657,6 +657,23 @@ def test_info_command_describes_the_dataset(official, cli):
     assert f"Eyeglasses          {rate:>6.1%}" in proc.stdout
 
 
+def test_info_reads_annotations_and_listing_only(official, tmp_path, capsys):
+    """`info` decodes no image: with every image file replaced by garbage it still reports the same
+    counts and rates (computed here from the annotation file), and no image cache is built."""
+    root = _copy_official(official, tmp_path / "garbage", "img_align_celeba", ".")
+    for path in (root / "img_align_celeba").iterdir():
+        path.write_bytes(b"not a jpeg")
+    before = set((common.cache_root() / "images").glob("*"))
+    common.info(root)
+    out = capsys.readouterr().out
+    assert "labelled images present: 30 (30 image files, 30 label rows)" in out and "not decoded" in out
+    header, rows = common.read_annotation(root / "list_attr_celeba.txt")
+    for name in ("Eyeglasses", "Male", "Smiling"):
+        rate = sum(r[header.index(name)] == "1" for r in rows.values()) / len(rows)
+        assert f"{name:<20}{rate:>6.1%}" in out
+    assert set((common.cache_root() / "images").glob("*")) == before
+
+
 def test_download_failure_says_what_to_fetch(tmp_path, monkeypatch, capsys):
     import torchvision.datasets
 
