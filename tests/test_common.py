@@ -645,6 +645,22 @@ def test_image_outputs(tmp_path):
         assert plot.size == (800, 260)  # two panels side by side (4 x 2.6 inches each, 100 dpi)
 
 
+def test_save_gif_writes_every_distinct_frame_it_is_given(tmp_path):
+    """Frames that differ by a single uint8 level (what a small edit strength gives) are all written,
+    in order, pixel-exact and upscaled by nearest neighbour: the GIF keeps what save_gif decided."""
+    levels = torch.tensor([[100, 20, 7], [101, 20, 7], [101, 21, 7], [101, 21, 8], [30, 200, 90]])
+    frames = levels[:, :, None, None].expand(-1, -1, 6, 4).clone().float()
+    frames[:, 0, :, :2] = 255 - frames[:, 0, :, :2]  # a left half, so the layout is checked too
+    common.save_gif(frames / 127.5 - 1, tmp_path / "steps.gif", fps=4, scale=3)
+    with Image.open(tmp_path / "steps.gif") as gif:
+        assert gif.n_frames == len(frames) and gif.size == (12, 18) and gif.info["duration"] == 250
+        for t in range(len(frames)):
+            gif.seek(t)
+            pixels = torch.from_numpy(np.asarray(gif.convert("RGB")).copy()).permute(2, 0, 1)
+            expected = frames[t].repeat_interleave(3, 1).repeat_interleave(3, 2)
+            assert torch.equal(pixels, expected.to(torch.uint8)), t
+
+
 def test_info_command_describes_the_dataset(official, cli):
     proc = cli["info"]
     assert proc.returncode == 0, proc.stderr[-3000:]
