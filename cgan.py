@@ -8,12 +8,14 @@ with the matching-aware discriminator of GAN-CLS (Reed et al. 2016, arXiv:1605.0
 Objective (every generate_face*.ipynb, `_init_ops`; CE = sigmoid cross-entropy on D's logit)
     L_D = CE(D(x, a), 1) + CE(D(G(z, a), a), 0) + CE(D(x, ã), 0)     ã = 1 − a (all flipped)
     L_G = CE(D(G(z, a), a), 1)
-    latent optimisation (generate_face_mismatch.ipynb, `reconstruct_one_sample`): for a face x with
-    attributes a, z* = argmin_z ½‖G(z, a) − x‖² (tf.nn.l2_loss, [0, 1] pixels), Adam lr 1e-2,
-    100 steps from z ~ U[0, 1); G(z*, a') then redraws that face with other attributes a'.
-The mismatch term makes D judge whether face and attributes belong together, not only realism, and
-through L_G teaches G to obey a. Notation -> code: x img_real (B, 3, H, W) in [−1, 1], a attr_real
-(B, A) 0/1, ã attr_wrong, z noise, z* invert(), L_D d_step, L_G g_step.
+    latent optimisation (defined by generate_face_mismatch.ipynb's `reconstruct_one_sample`, run by
+    no notebook): z* = argmin_z ½‖G(z, a) − x‖² (tf.nn.l2_loss, [0, 1] pixels), Adam lr 1e-2, 100
+    steps from z ~ U[0, 1); G(z*, a') then redraws that face with other attributes a'.
+With a tiled onto D's input, the mismatch term makes D judge whether face and attributes belong
+together, and L_G passes that judgement to G. With --attr-join last (dcgan1) D's logit is
+w·f(x) + v·a + b: ∂D/∂x does not depend on a (a only scales each face's L_G gradient), so G gets no
+signal to obey a (FaceGen README, DCGAN 1: the output "doesn't show the male attribute"). Code:
+x img_real (B, 3, H, W) in [−1, 1], a attr_real (B, A) 0/1, ã attr_wrong, z noise, z* invert().
 
 Networks at 32 px (the notebooks' `_generator`, `_discriminator`: convs 4x4 stride 2, LReLU 0.2,
 BatchNorm decay 0.99 eps 1e-3, weights N(0, 0.02), biases 0)
@@ -23,29 +25,32 @@ BatchNorm decay 0.99 eps 1e-3, weights N(0, 0.02), biases 0)
      (B, A, 32, 32), both flattened (B, 1024·(3+A)) into the same FC. It has no encoder.
   D: conv (B, 32, 16, 16) LReLU -> conv (B, 64, 8, 8) BN LReLU -> conv (B, 128, 4, 4) BN LReLU -> FC.
      --attr-join input: a tiled onto x (B, 3+A, 32, 32) (generate_face_cube, _1122, _interactive_1122);
-     last: FC on [flatten, a] (generate_face, _mismatch). Real, fake and mismatched pairs pass D
-     in separate calls (separate BatchNorm statistics), as there.
+     last: FC on [flatten, a] (generate_face, _mismatch). Real, fake, mismatched pairs: 3 calls, as there.
   --arch fc (README "Baseline Model"): G [z ~ U(−1, 1) (B, 100), a] -> FC 128 ReLU -> FC 3HW
      (cgan_d1107.ipynb); D [flatten(x), a] -> FC 128 ReLU -> FC (the README's 2-layer FC).
-Defaults: generate_face1122.ipynb (DCGAN 2: its 8 attributes, Adam 2e-4 β1 0.5, batch 32, 50
-epochs of 20,000 images = 31,250 steps); --preset dcgan1 | cube | fc: the other notebooks.
+Defaults: generate_face1122.ipynb (DCGAN 2: its 8 attributes, Adam 2e-4 β1 0.5, batch 32, the first
+20,000 training files (`num_of_img` and the printed shapes; README: 202,599), 50 epochs = 31,250
+steps); --preset dcgan1 | cube: 10 epochs of those; fc: 1,000 steps of 16 on the first 10,000.
 
 Deviations, and why
-* tanh on [−1, 1] images (the notebooks: sigmoid on pixels/255): 2σ(t) − 1 = tanh(t/2), the same
-  model up to a scale, in this repository's range. The latent loss is taken on [0, 1] pixels.
+* tanh on [−1, 1] images (every method here; the notebooks: sigmoid on pixels/255), not the same
+  model: tanh(t) = 2σ(2t) − 1 doubles G's last pre-activation against theirs, and D's first conv sees
+  2x − 1, absorbed by its weights and bias except where zero padding enters (black there, grey here).
 * 0/1 attributes as the DCGAN notebooks (their flip maps 0 -> 1, else -> 0; their sample vectors
   are 0/1); cgan_d1107.ipynb samples ±1. fc runs the DCGAN notebooks' loop (1 D : 1 G, mismatch
   term); cgan_d1107.ipynb alternates 4 D : 1 G, has no mismatch term, and a 3-conv 5x5 D.
-* Batches are shuffled (common.get_batch) and z drawn from (seed, step), so a resume is exact; the
-  notebooks slice the files in order.
-  The notebook defines `reconstruct` but never calls it (nor feeds the attributes its G needs
-  there): we invert with the face's own attributes, one z per face.
+* Order: the DCGAN notebooks walk their files in order, the same batches every epoch, and
+  cgan_d1107.ipynb's `next_batch` draws 16 at random; here each epoch is a fresh permutation
+  (common.get_batch) and z is drawn from (seed, step), so a resume is exact. `reconstruct` never
+  ran (nor fed the attributes its G needs): we invert with the face's own attributes.
+* Layers only the FaceGen README shows (no stored notebook has them): its 23-attribute D had a 4th
+  conv (256, to 2x2; --attrs notebook23 keeps 3), its 64 px G and D 3 deconvs and 3 convs (FC to
+  8x8x128; D's FC on 8·8·128); --img-size 64 adds a stage to each (4x4x256, 4 deconvs, 4 convs).
 * Ours, as options: --crop 170 (this repository's face crop; the default 0 squashes the whole
   218x178 frame to 32x32, as the notebooks' `transform`); --mismatch roll (with many attributes a
   flipped-all vector is implausible by itself, so D can reject it without looking at the face).
-  Dropped: our encoder (no notebook has one), the hidden layer after the 'last' join, play, eval.
-* Not here: README's interactive models 4, 5 (image input, reconstruction loss 0.5; their notebook
-  generate_face_interactive_32pix_1126.ipynb is absent from the stored snapshot), actmax.
+* Not here: the README's interactive models 4, 5 (image input, reconstruction loss 0.5; their
+  notebook generate_face_interactive_32pix_1126.ipynb is not in the stored snapshot), actmax.
 
     python cgan.py                                  # demo set; a CPU runs the cpu-demo preset
     python cgan.py --data ./celeba --preset cube    # another notebook; --attrs notebook23: its 23
@@ -105,7 +110,8 @@ class Args:
     optimizer: str = "adam"  # 'adam' (betas 0.5, 0.999) or 'rmsprop' (TensorFlow 1's: decay 0.9, v from 1)
     lr: float = 2e-4  # learning rate of G and D
     batch_size: int = 32  # images per step
-    steps: int = 31250  # training steps (50 epochs of the notebook's 20,000 images at batch 32)
+    max_images: int = 20000  # train on the first N training images in file order (`num_of_img`); 0 = all
+    steps: int = 31250  # training steps (50 epochs of the first 20,000 images at batch 32)
     data: str = "demo"  # CelebA folder (any layout common.py reads), or 'demo' / 'demo:N' (synthetic)
     out: str = "runs/cgan"  # output folder: ckpt.pt, metrics.jsonl, losses.png, d_outputs.png, samples/
     preset: str = "auto"  # auto (cpu-demo on a CPU with demo data, else paper), paper, dcgan1, cube, fc
@@ -120,22 +126,21 @@ class Args:
 
 
 # The notebooks (paper = the defaults, generate_face1122.ipynb) and two of ours. A preset never
-# overrides an option given on the command line. An epoch of the notebooks' 20,000 images: 625 steps.
+# overrides an option given on the command line. An epoch of 20,000 images at batch 32: 625 steps.
 PRESETS = {
     "paper": {},
     "dcgan1": dict(g_input="vector", attr_join="last", optimizer="rmsprop", lr=1e-4,
                    attrs=["Male"], steps=6250),  # generate_face.ipynb, generate_face_mismatch.ipynb
     "cube": dict(g_input="cube", attr_join="input", lr=8e-5, attrs=["Male", "Smiling"],
                  steps=6250),  # generate_face_interactive_1122.ipynb
-    "fc": dict(arch="fc", img_size=0, lr=8e-5, batch_size=16, attrs=["notebook23"],
+    "fc": dict(arch="fc", img_size=0, lr=8e-5, batch_size=16, attrs=["notebook23"], max_images=10000,
                steps=1000),  # cgan_d1107.ipynb (Adam 8e-5, beta1 0.5, batch 16, 1000 iterations)
     "cpu-demo": dict(steps=1000, sample_every=500, ckpt_every=500),  # the same model, fewer steps
-    "smoke": dict(data="demo:16", width=8, noise_dim=16, fc_hidden=16, batch_size=8, steps=4,
-                  log_every=1, sample_every=2, ckpt_every=2),
+    "smoke": dict(data="demo:16", width=8, noise_dim=16, fc_hidden=16, batch_size=8, steps=4, log_every=1, sample_every=2, ckpt_every=2),
 }
 # Fields a resumed run must share with its checkpoint (the model, the data, the batches).
 RESUME_MUST_MATCH = ("arch", "g_input", "attr_join", "attrs", "mismatch", "img_size", "crop", "noise_dim",
-                     "width", "fc_hidden", "optimizer", "lr", "batch_size", "data", "seed")
+                     "width", "fc_hidden", "optimizer", "lr", "batch_size", "max_images", "data", "seed")
 
 
 # Model ============================================================================================
@@ -173,9 +178,8 @@ class DCGenerator(nn.Module):
 
 
 class DCDiscriminator(nn.Module):
-    """conv LReLU -> (conv, BN, LReLU)* -> FC. Attributes tiled onto the input ('input') or joined
-    to the flattened features ('last'). Beware 'last': one FC on [f, a] is w·f + v·a + b, so the
-    attributes shift every image's logit alike and D cannot tell a match from a mismatch by them."""
+    """conv LReLU -> (conv, BN, LReLU)* -> FC, with a tiled onto the input ('input') or joined to the
+    features ('last': the FC is w·f + v·a + b, so a shifts every face's logit alike: no match test)."""
 
     def __init__(self, num_attrs, img_size=32, width=32, attr_join="input"):
         super().__init__()
@@ -263,8 +267,7 @@ def sample_noise(config, count, generator=None, device="cpu"):
     """z as each notebook draws it: N(0, 1) vectors (DCGAN), a N(0, 1) image (cube), U(−1, 1) (fc)."""
     if config["arch"] == "fc":
         return (torch.rand(count, config["noise_dim"], generator=generator) * 2 - 1).to(device)
-    shape = (3, config["img_size"], config["img_size"]) if config["g_input"] == "cube" else \
-        (config["noise_dim"],)
+    shape = (3, config["img_size"], config["img_size"]) if config["g_input"] == "cube" else (config["noise_dim"],)
     return torch.randn(count, *shape, generator=generator).to(device)
 
 
@@ -310,8 +313,9 @@ def loss_latent(img_gen, img_target):
 
 # Training steps ===================================================================================
 def make_optimizer(params, args):
-    """Adam (β1 0.5, β2 0.999: every Adam notebook) or TF 1's RMSProp: v ← 0.9·v + 0.1·g², θ ← θ − lr·g/√(v + 1e-10)
-    with v starting at 1 (PyTorch's starts at 0: first steps ≈ 3·lr·sign(g)), so we fill the state."""
+    """Adam (β1 0.5, β2 0.999: every Adam notebook) or TF 1's RMSProp: v ← 0.9·v + 0.1·g², v from 1
+    (PyTorch's starts at 0: first steps ≈ 3·lr·sign(g), so we fill the state). TF steps lr·g/√(v + ε),
+    PyTorch lr·g/(√v + ε), ε = 1e-10: they differ by over 1 % only where v < 5e-9."""
     params = list(params)
     if args.optimizer == "adam":
         return torch.optim.Adam(params, args.lr, betas=(0.5, 0.999))
@@ -328,8 +332,7 @@ def d_step(discriminator, opt_d, img_real, attr_real, attr_wrong, img_fake, amp_
         logit_real = discriminator(img_real, attr_real).float()
         logit_fake = discriminator(img_fake, attr_real).float()
         logit_mismatch = discriminator(img_real, attr_wrong).float()
-    d_real, d_fake = loss_d_real(logit_real), loss_d_fake(logit_fake)
-    d_mismatch = loss_d_mismatch(logit_mismatch)
+    d_real, d_fake, d_mismatch = loss_d_real(logit_real), loss_d_fake(logit_fake), loss_d_mismatch(logit_mismatch)
     d_loss = d_real + d_fake + d_mismatch  # plain sum, as the notebooks
     opt_d.zero_grad(set_to_none=True)
     d_loss.backward()
@@ -364,9 +367,8 @@ def train_step(generator, discriminator, opt_g, opt_d, img_real, attr_real, nois
 def invert(generator, images, attrs, steps=INVERT_STEPS, lr=INVERT_LR, seed=0):
     """Latent optimisation (generate_face_mismatch.ipynb): z from U[0, 1), then `steps` Adam steps on
     loss_latent(G(z, a), x), G frozen; pass G in eval mode (is_train False) -> (z, G(z, a), losses)."""
-    shape = (len(images), *generator.noise_shape)  # the notebook: np.random.random
-    noise = torch.rand(shape, generator=torch.Generator().manual_seed(seed)).to(images.device)
-    noise.requires_grad_(True)
+    noise = torch.rand(len(images), *generator.noise_shape, generator=torch.Generator().manual_seed(seed))
+    noise = noise.to(images.device).requires_grad_(True)  # the notebook: np.random.random
     optimizer = torch.optim.Adam([noise], lr)  # TF's defaults: betas 0.9, 0.999, eps 1e-8
     generator.requires_grad_(False)
     losses = []
@@ -429,8 +431,8 @@ def configure(args, device):
     """The preset (then --smoke) on the fields not typed, canonical --data and --attrs, checks."""
     if args.preset not in ("auto", *PRESETS) or args.preset == "smoke":
         raise InputError(f"--preset {args.preset!r}: expected auto, paper, dcgan1, cube, fc or cpu-demo")
-    auto = "cpu-demo" if device.type == "cpu" and is_demo(args.data) else "paper"
-    args.preset = auto if args.preset == "auto" else args.preset
+    if args.preset == "auto":
+        args.preset = "cpu-demo" if device.type == "cpu" and is_demo(args.data) else "paper"
     for name in [args.preset] + ["smoke"] * args.smoke:
         apply_preset(args, PRESETS[name], name)
     for name, allowed in CHOICES.items():
@@ -439,8 +441,7 @@ def configure(args, device):
     if args.arch == "dcgan" and (args.img_size < 8 or args.img_size & (args.img_size - 1)):
         raise InputError(f"--img-size {args.img_size}: dcgan needs a power of two >= 8 (32, 64)")
     args.data = args.data if is_demo(args.data) else str(Path(args.data).resolve())
-    notebook23 = [a.lower() for a in args.attrs] == ["notebook23"]
-    args.attrs = common.resolve_attrs(NOTEBOOK_23 if notebook23 else args.attrs)
+    args.attrs = common.resolve_attrs(NOTEBOOK_23 if [a.lower() for a in args.attrs] == ["notebook23"] else args.attrs)
     return args
 
 
@@ -451,13 +452,15 @@ def train(args):
     config = dataclasses.asdict(args)
     state = load_checkpoint(out / "ckpt.pt", config, RESUME_MUST_MATCH) if args.resume else None
     img_hw, crop = image_geometry(config)
-    data = common.to_device(common.load_celeba(args.data, args.attrs, "train", img_hw, crop), device)
+    data = common.load_celeba(args.data, args.attrs, "train", img_hw, crop)  # rows in file order
+    first = {k: v[:args.max_images or None] for k in ("images", "labels", "files", "identities", "landmarks")
+             if (v := getattr(data, k)) is not None}  # the notebooks' first `num_of_img` files
+    data = common.to_device(dataclasses.replace(data, **first), device)
     attr_names, fixed = data.attr_names, fixed_sample_inputs(config, data, device)
     torch.manual_seed(args.seed)
-    generator, discriminator = (m.to(device) for m in build_models(config, len(attr_names)))
     channels_last = device.type == "cuda" and args.arch == "dcgan"  # faster convs, no flag needed
-    generator, discriminator = (m.to(memory_format=torch.channels_last) if channels_last else m
-                                for m in (generator, discriminator))
+    generator, discriminator = (m.to(device, memory_format=torch.channels_last if channels_last else
+                                     torch.preserve_format) for m in build_models(config, len(attr_names)))
     opt_g, opt_d = (make_optimizer(m.parameters(), args) for m in (generator, discriminator))
     for module, key in ((generator, "generator"), (discriminator, "discriminator"), (opt_g, "opt_g"), (opt_d, "opt_d")):
         module.load_state_dict(state[key]) if state else None  # --resume: continue exactly
@@ -471,10 +474,8 @@ def train(args):
     amp_ctx = lambda: autocast(device, args.amp)  # noqa: E731
     totals, logged, clock = {}, start, time.time()
     for step in range(start, args.steps):
-        # ALGO LOGIC: one batch, one z per face (a pure function of seed and step: exact resume),
-        # one D update then one G update
-        img_real, attr_real, _ = common.get_batch(data, step, args.batch_size, args.seed, device,
-                                                  channels_last=channels_last)
+        # ALGO LOGIC: a batch and one z per face (pure functions of seed and step), one D then one G update
+        img_real, attr_real, _ = common.get_batch(data, step, args.batch_size, args.seed, device, channels_last=channels_last)
         rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         noise = sample_noise(config, len(img_real), rng, device)
         stats = train_step(generator, discriminator, opt_g, opt_d, img_real, attr_real, noise, args, amp_ctx, rng)
@@ -497,10 +498,9 @@ def train(args):
             save_samples(generator, fixed, attr_names, out / "samples", done)
         if done % args.ckpt_every == 0 or done == args.steps:
             check_finite(done, {}, generator, discriminator)  # never overwrite a good checkpoint
-            save_checkpoint(out / "ckpt.pt", {
-                "generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": done,
-                "config": config, "attr_names": attr_names})
+            save_checkpoint(out / "ckpt.pt", {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+                                              "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": done,
+                                              "config": config, "attr_names": attr_names})
         if not totals:
             clock = time.time()  # time the next interval without the saving
     common.plot_metrics(out / "metrics.jsonl", out / "losses.png", keys=["d_loss", "d_real", "d_fake", "d_mismatch", "g_loss"])

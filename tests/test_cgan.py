@@ -115,15 +115,37 @@ def test_defaults_and_presets_are_the_notebooks_settings():
         "dcgan", "vector", "input", "complement", "adam")
     assert (args.lr, args.batch_size, args.noise_dim, args.width, args.img_size, args.crop) == (
         2e-4, 32, 100, 32, 32, 0)
-    assert args.steps == 50 * (20000 // 32) and args.fc_hidden == 128
+    assert args.max_images == 20000 and args.steps == 50 * (20000 // 32) and args.fc_hidden == 128
     assert (cgan.INVERT_STEPS, cgan.INVERT_LR) == (100, 1e-2)
     presets = cgan.PRESETS
     assert {k: presets["dcgan1"][k] for k in ("attr_join", "optimizer", "lr", "attrs", "steps")} == dict(
         attr_join="last", optimizer="rmsprop", lr=1e-4, attrs=["Male"], steps=10 * 625)
     assert {k: presets["cube"][k] for k in ("g_input", "attr_join", "lr", "attrs", "steps")} == dict(
         g_input="cube", attr_join="input", lr=8e-5, attrs=["Male", "Smiling"], steps=10 * 625)
-    assert {k: presets["fc"][k] for k in ("arch", "img_size", "lr", "batch_size", "attrs", "steps")} == dict(
-        arch="fc", img_size=0, lr=8e-5, batch_size=16, attrs=["notebook23"], steps=1000)
+    assert {k: presets["fc"][k] for k in ("arch", "img_size", "lr", "batch_size", "attrs", "max_images", "steps")} == dict(
+        arch="fc", img_size=0, lr=8e-5, batch_size=16, attrs=["notebook23"], max_images=10000, steps=1000)
+
+
+@pytest.mark.parametrize("max_images", [8, 0])
+def test_training_sees_only_the_first_max_images_training_files(max_images, tmp_path, monkeypatch):
+    """The notebooks' `num_of_img`: every batch is drawn from the first N training files by name
+    (images, labels and names alike); 0 keeps the whole split."""
+    seen, get_batch = [], cgan.common.get_batch
+
+    def spy(data, *args, **kwargs):
+        seen.append(data)
+        return get_batch(data, *args, **kwargs)
+
+    monkeypatch.setattr(cgan.common, "get_batch", spy)
+    cgan.main(["--smoke", "--max-images", str(max_images), "--steps", "2", "--out", str(tmp_path / "run")])
+    split = cgan.common.load_celeba("demo:16", EIGHT, "train", 32, None, verbose=False)
+    order = sorted(range(len(split.files)), key=lambda i: split.files[i])
+    keep = order[:max_images or None]
+    assert len(seen) == 2 and len(keep) == (max_images or len(split.files)) < 400
+    for data in seen:
+        assert data.files == [split.files[i] for i in keep]
+        assert torch.equal(data.labels, split.labels[keep])
+        assert torch.equal(data.images, split.images[keep])
 
 
 def test_attribute_lists_are_the_notebooks():
@@ -223,7 +245,8 @@ def test_train_step_updates_d_then_g_against_the_updated_d():
 
 
 def test_rmsprop_is_tensorflow_1s():
-    """TF 1 RMSPropOptimizer, first step from v = 1: v = 0.9 + 0.1·g², θ −= lr·g/√(v + 1e-10)."""
+    """TF 1 RMSPropOptimizer, first step from v = 1: v = 0.9 + 0.1·g², θ −= lr·g/√v (TF adds ε = 1e-10
+    under the root, PyTorch after it: here both vanish below float32's resolution)."""
     weight = nn.Parameter(torch.tensor([1.0, -2.0]))
     optimizer = cgan.make_optimizer([weight], cgan.Args(optimizer="rmsprop", lr=0.1))
     (weight * torch.tensor([3.0, 0.5])).sum().backward()
@@ -411,6 +434,13 @@ def test_resume_equals_an_uninterrupted_run(smoke_run, cli):
             assert torch.equal(value, resumed[net][key]), f"{net}.{key}"
     refused = cli["refused"]  # `--steps 6 --resume --preset cube`
     assert refused.returncode != 0 and "g_input" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_resume_with_other_max_images_is_refused(smoke_run):
+    config = torch.load(smoke_run / "ckpt.pt", weights_only=True)["config"]
+    assert config["max_images"] == 20000
+    with pytest.raises(InputError, match="max_images=20000"):
+        cgan.load_checkpoint(smoke_run / "ckpt.pt", {**config, "max_images": 7}, cgan.RESUME_MUST_MATCH)
 
 
 def test_adapter_generates_and_edits_through_latent_optimisation(smoke_run):

@@ -1,10 +1,11 @@
 """Evaluation adapter for cgan.py (see adapters/__init__.py for the contract).
 
 generate(attrs, seed): G(z, a) with z drawn as the checkpoint's notebook draws it.
-edit(images, attr_src, attr_tgt): the original's route from a face to its code: z* by latent
-optimisation under the face's own attributes (cgan.invert: Adam on z, 100 steps, lr 1e-2), then
-G(z*, attr_tgt). evaluate.py edits the same test images once per attribute, so z* is found once
-per (images, attr_src) and reused.
+edit(images, attr_src, attr_tgt): z* by latent optimisation under the face's own attributes
+(cgan.invert: Adam on z, 100 steps, lr 1e-2), then G(z*, attr_tgt). generate_face_mismatch.ipynb
+defines this optimisation but no notebook runs it; the FaceGen README edits given faces with its
+interactive models 4 and 5 (an image as G's input), which cgan.py does not have. evaluate.py edits
+the same test images once per attribute, so z* is found once per (images, attr_src) and reused.
 reconstruct: None. The contract gives reconstruct() no attributes, and G(z*, a) needs the face's
 attributes; the reconstruction quality shows in edit's true-edit PSNR on the demo set instead.
 """
