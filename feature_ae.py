@@ -1,13 +1,14 @@
 """Features Changer: autoencoders whose codes hold attribute directions (smile, glasses, blond hair).
 
 Follows Cc618/Feature-Changer (MIT, commit 7ab82f5; no paper). An autoencoder learns a code z per
-face; the mean code of faces WITH an attribute minus that of faces WITHOUT it is a direction v:
-decoding z + 1.5·v adds the attribute, z − 1.5·v removes it (src/stats.py, src/main.py). Two
-autoencoders (src/net.py): dcae, the original's `Net3` (32 px, 100 numbers; src/params.py), and
-pgae, its fully convolutional `PGAE`, grown as in Karras et al., "Progressive Growing of GANs for
-Improved Quality, Stability, and Variation", ICLR 2018, arXiv:1710.10196 (no GAN here). Both learn
-with the loss of Hou, Shen, Sun, Qiu, "Deep Feature Consistent Variational Autoencoder", WACV
-2017, arXiv:1610.00291 (§3.2, without the KL term; src/vgg_loss.py after ku2482/vae.pytorch).
+face; the mean code of faces WITH an attribute minus that of faces WITHOUT it is a direction v
+(src/stats.py): decoding z + 1.5·v adds the attribute (src/main.py all_feat); the original removes
+one only in its GIFs, which walk to z − 2·v (src/main.py media). Two autoencoders (src/net.py):
+dcae, the original's `Net3` (32 px, 100 numbers; src/params.py), and pgae, its fully convolutional
+`PGAE`, grown as in Karras et al., "Progressive Growing of GANs for Improved Quality, Stability,
+and Variation", ICLR 2018, arXiv:1710.10196 (no GAN here). Both learn with the loss of Hou, Shen,
+Sun, Qiu, "Deep Feature Consistent Variational Autoencoder", WACV 2017, arXiv:1610.00291 (§3.2,
+without the KL term; src/vgg_loss.py after ku2482/vae.pytorch).
 
 Objective (tensors hold [-1, 1]; the losses see u(x) = (x + 1) / 2, the original's ToTensor [0, 1])
     x̂ = D(E(x))
@@ -28,19 +29,22 @@ Shapes. dcae, 32 px (each block conv, LeakyReLU 0.2, BatchNorm: the original's o
 pgae, 64 px (EBlock: 2x [conv 3x3, LeakyReLU, BN], max-pool; DBlock: bilinear x2, the same)
     E at 64 px: fromRGB (B, 8, 64, 64) -> (B, 16, 32, 32) -> ... -> (B, 128, 4, 4) = z, flattened
     E at 8 px:  fromRGB (B, 64, 8, 8) -> (B, 128, 4, 4);  D mirrors E;  fromRGB, toRGB: bare 1x1 conv
-Schedule (src/main.py, src/train.py): Adam lr 1e-3; dcae batch 256, 1 epoch; pgae batch 128,
-[1, 1, 1, 1, 2] epochs: 8 px, then 16, 32 and 64 px each faded in over one epoch (α = (b + 1)/n;
-no stable phase between), then 2 epochs at 64 px. Here an epoch is len(train) // batch steps
-(--steps 0 and --phase-steps 0 keep the original's); the phase is a pure function of the step.
+Schedule (src/main.py, src/train.py): Adam lr 1e-3; dcae batch 256, 1 epoch; pgae batch 128, 5
+phases of [1, 1, 1, 1, 2] epochs: 8 px, then 16, 32 and 64 px each faded in over one epoch (α =
+(b + 1)/n; no stable phase between), then 2 epochs at 64 px. Here an epoch is len(train) // batch
+steps (--steps 0 and --phase-steps 0 keep the original's); the phase is a pure function of the step.
 
 Deviations from the original, and why
-* Data: the official partition (the original cuts its csv by position, src/main.py); vectors from
-  training images only (it samples all, test included: src/data.py). The whole 178x218 frame is
-  squashed to a square as its Resize((32, 32)) does, but bicubic (PIL's bilinear there), once at
-  the final size; the lower pgae sizes are average-pooled from it.
-* Outputs hold [-1, 1] behind the original's bare last conv: the same model up to an affine change
-  of that conv's weights. The grid adds a reconstruction and −v columns (src/main.py: +1.5·v
-  only); default attributes: the original's five (src/main.py) and three more; no image-to-image GIFs.
+* Data: the official partition (the original cuts its csv by position, src/data.py); vectors from
+  training images only (it samples all, test included). Epochs drop the partial last batch (the
+  original's DataLoader keeps it): dcae's is 635 steps (162,770 // 256), the original's 752
+  (⌈192,464 / 256⌉). The whole 178x218 frame is squashed to a square as its Resize((32, 32)),
+  but bicubic (PIL's bilinear there), once at the final size; pgae's lower sizes are pooled from it.
+* Images hold [-1, 1] in and out (the original: ToTensor's [0, 1]), as common.py gives all methods:
+  the same model up to an affine change of the weights of the bare output convs and of pgae's 1x1
+  fromRGBs (not the same init or Adam steps); dcae's first conv pads 0: mid-grey here, black there.
+  The grid adds a reconstruction and −v columns (src/main.py: +1.5·v only); default attributes:
+  the original's five (src/main.py) and three more; no image-to-image GIFs.
 * The DFC loss stays fp32 under bf16 autocast (CUDA; the original is fp32 throughout). VGG19
   weights are never downloaded (--vgg-weights PATH or torch.hub's cache); --loss auto is dfc, but
   mse on the cpu-demo preset without the file. vectors.pt is keyed by a hash of the weights.
@@ -78,7 +82,7 @@ from common import InputError
 SCRIPT = "feature_ae.py"  # the program name in --help
 # The original's attributes (src/main.py: all_feat and media) and three more the demo set draws.
 FEATURE_ATTRS = ["Smiling", "Blond_Hair", "Eyeglasses", "Male", "Mustache", "Bangs", "Black_Hair", "Wearing_Hat"]
-STRENGTH = 1.5  # z ± 1.5·v in the grids and the evaluation edits (src/main.py all_feat)
+STRENGTH = 1.5  # z ± 1.5·v in the grids and the evaluation edits (src/main.py all_feat: z + 1.5·v)
 VECTOR_IMAGES = 1000  # images with / without an attribute averaged into its vector (src/data.py)
 SAMPLE_VECTOR_IMAGES = 250  # the same for the training grids: fewer, so that they are quick
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
@@ -97,8 +101,8 @@ class Args:
     vgg_weights: str = None  # torchvision's VGG19 ImageNet file (default: torch.hub's cache)
     batch_size: int = 0  # images per step (0: the original's, dcae 256, pgae 128)
     lr: float = 1e-3  # Adam learning rate (original: 1e-3)
-    steps: int = 0  # training steps (0: the original's epochs: dcae 1, pgae 6 phases)
-    phase_steps: int = 0  # pgae: steps per resolution phase (0: one epoch, the original's)
+    steps: int = 0  # training steps (0: the original's epochs: dcae 1, pgae 6 in 5 phases)
+    phase_steps: int = 0  # pgae: steps per epoch of its schedule (0: one epoch, the original's)
     data: str = "demo"  # a CelebA folder (any layout common.py reads), 'demo' or 'demo:N'
     attrs: list = dataclasses.field(default_factory=list)  # attributes of the sample grids
     out: str = "runs/feature_ae"  # run folder: ckpt.pt, metrics.jsonl, losses.png, samples/
@@ -118,7 +122,7 @@ POSITIVE = ("z_size", "lr", "log_every", "sample_every", "ckpt_every")  # > 0 (0
 RESUME_MUST_MATCH = ("arch", "img_size", "z_size", "loss", "vgg_weights", "batch_size", "lr", "phase_steps",
                      "data", "attrs", "seed")  # --steps may grow
 ORIGINAL = {"dcae": dict(img_size=32, batch_size=256), "pgae": dict(img_size=64, batch_size=128)}
-PRESETS = {  # applied to the fields not typed; smoke's pgae: 8 px (steps 0-1), 16 px fading in (2-3), 32 px (4-5)
+PRESETS = {  # applied to the fields not typed; smoke's pgae: 8 px (steps 0-1), 16 then 32 px fading in (2-3, 4-5)
     "cpu-demo": dict(batch_size=64, steps={"dcae": 1500, "pgae": 900}, phase_steps=150, log_every=50,
                      sample_every=500, ckpt_every=500),
     "smoke": dict(data="demo:16", img_size=32, z_size=16, batch_size=8, vgg_weights="random", steps=6,
@@ -277,8 +281,7 @@ def loss_dfc(vgg, img_recon, img_real):
 
 # ======== Training step ==========================================================================
 def train_step(model, optimizer, img_real, alpha, vgg, amp_ctx):
-    """One Adam update on a batch at its own resolution: L_dfc with a VGG, else L_mse -> dict of
-    detached scalar tensors (no host sync)."""
+    """One Adam step at the batch's own resolution: L_dfc with a VGG, else L_mse -> detached scalars."""
     with amp_ctx():
         img_recon = model(img_real, alpha)
     mse = loss_mse(img_recon, img_real)  # fp32, outside autocast
@@ -330,8 +333,7 @@ def grid_labels(attr_names):
 
 # ======== Checkpoints, a trained model, the vectors of exactly its weights =======================
 def load(ckpt_path, device="cpu"):
-    """A trained autoencoder: namespace(model (eval mode), config, attr_names, step, size, alpha
-    (the resolution and α it reached), weights_hash, ckpt)."""
+    """A trained model: namespace(model (eval), config, attr_names, step, size and α reached, weights_hash, ckpt)."""
     state = load_checkpoint(ckpt_path)  # refuses a file that another script wrote, in one line
     model = build_model(state["config"])
     model.load_state_dict(state["model"])
@@ -346,8 +348,7 @@ def load(ckpt_path, device="cpu"):
 
 
 def vectors_for(trained, attr_names, device="cpu"):
-    """(A, Z) vectors: from vectors.pt beside the checkpoint when it was made from exactly these
-    weights and holds them all; else computed on the training split and saved there."""
+    """(A, Z): vectors.pt's when made from exactly these weights and complete, else computed and saved."""
     path, config = trained.ckpt.parent / "vectors.pt", trained.config
     saved = load_checkpoint(path) if path.is_file() else {}
     if saved.get("weights_hash") == trained.weights_hash and set(attr_names) <= set(saved["vectors"]):
@@ -452,8 +453,7 @@ def train(args):
     for module, key in ((model, "model"), (optimizer, "optimizer")):
         module.load_state_dict(state[key]) if state else None  # --resume: continue exactly
     if (first := state["step"] if state else 0) >= steps:
-        raise InputError(f"--resume: the checkpoint is at step {first}, this run ends at {steps}; "
-                         f"expected a larger --steps")
+        raise InputError(f"--resume: the checkpoint is at step {first}, --steps {steps}; expected a larger --steps")
     val = common.load_celeba(args.data, args.attrs, "val", args.img_size, None, verbose=False)
     data, samples = common.to_device(data, device), common.to_float(val.images[:8]).to(device)
     trim_jsonl(metrics, first)

@@ -340,7 +340,7 @@ def test_presets_keep_typed_arguments_and_fall_back_to_mse_only_on_cpu_demo(tmp_
     assert args.img_size == 64 and args.batch_size == 8  # typed: kept; not typed: the preset's
     args = configure("--vgg-weights", missing)
     assert (args.preset, args.loss, args.img_size, args.steps, args.batch_size) == ("cpu-demo", "mse", 32, 1500, 64)
-    assert configure("--arch", "pgae", "--vgg-weights", missing).steps == 900  # cpu-demo: 6 phases of 150
+    assert configure("--arch", "pgae", "--vgg-weights", missing).steps == 900  # cpu-demo: 6 epochs of 150 in 5 phases
     args = configure("--vgg-weights", missing, "--preset", "paper")
     assert (args.loss, args.batch_size, args.steps) == ("dfc", 256, 0)  # the original: batch 256, 1 epoch
     args = configure("--arch", "pgae", "--preset", "paper")
@@ -402,15 +402,42 @@ def reference_vectors(model_ns):
                         for a in range(len(model_ns.attr_names))])
 
 
-def test_show_writes_the_grid_and_20_frame_256_px_gifs(smoke_run, tmp_path):
+def test_show_writes_the_grid_and_20_frame_256_px_gifs(smoke_run, tmp_path, monkeypatch):
+    """The GIFs walk the code from z to z ± 2·v in 20 equal steps, t = 0 … 1 (src/main.py media), z the
+    first test image's, v each attribute's own vector; their frames are those codes decoded, at 256
+    px, 10 frames/s. The codes and frames `show` computes are checked, not the GIF's frame count: the
+    smoke model's v is tiny (|v| about 0.005) and its frames differ by less than a grey level, which
+    an image library may merge into one frame."""
     out, _ = smoke_run
-    feature_ae.main(["show", "--ckpt", str(out / "ckpt.pt"), "--count", "3", "--attrs", "Smiling",
+    calls, codes, save_gif, decode = [], [], common.save_gif, PGAE.decode
+    monkeypatch.setattr(common, "save_gif", lambda frames, path, fps: calls.append((frames, path, fps))
+                        or save_gif(frames, path, fps=fps))
+    monkeypatch.setattr(PGAE, "decode", lambda self, z, *a: codes.append(z) or decode(self, z, *a))
+    feature_ae.main(["show", "--ckpt", str(out / "ckpt.pt"), "--count", "3", "--attrs", "Smiling", "Male",
                      "--out", str(tmp_path), "--device", "cpu"])
-    with Image.open(tmp_path / "grid.png") as grid:  # 3 rows x 4 columns at 32 px, shown x3
-        assert grid.width > 4 * 96 and grid.height > 3 * 96
-    for word in ("add", "remove"):
-        with Image.open(tmp_path / f"lerp_Smiling_{word}.gif") as gif:
-            assert gif.size == (256, 256) and 1 < gif.n_frames <= 20  # Pillow merges equal frames
+    with Image.open(tmp_path / "grid.png") as grid:  # 3 rows x 6 columns at 32 px, shown x3
+        assert grid.width > 6 * 96 and grid.height > 3 * 96
+    monkeypatch.undo()
+    trained = feature_ae.load(out / "ckpt.pt")
+    vectors = reference_vectors(trained)  # the checkpoint's attributes, Smiling and Male among them
+    first = common.to_float(common.load_celeba("demo:16", [], "test", 32, None, verbose=False).images[:1])
+    t = torch.arange(20.0).view(-1, 1) / 19
+    gifs = [(name, word) for name in ("Smiling", "Male") for word in ("add", "remove")]
+    assert [(path.name, fps) for _, path, fps in calls] == [(f"lerp_{n}_{w}.gif", 10) for n, w in gifs]
+    walks = [z for z in codes if len(z) == 20]  # the grid decodes batches of 3
+    assert len(walks) == len(gifs)
+    with torch.no_grad():
+        z = trained.model.encode(first, 1.0)
+        for (frames, path, _), walk, (name, word) in zip(calls, walks, gifs):
+            end = z + (2 if word == "add" else -2) * vectors[trained.attr_names.index(name)]
+            assert torch.allclose(walk, (1 - t) * z + t * end, rtol=0, atol=1e-6), path.name
+            expected = trained.model.decode((1 - t) * z + t * end, 32, 1.0).clamp(-1, 1)
+            expected = F.interpolate(expected, size=(256, 256), mode="bilinear")
+            assert frames.shape == (20, 3, 256, 256) and torch.allclose(frames, expected, atol=1e-5), path.name
+            steps = (frames[1:] - frames[:-1]).flatten(1).abs().amax(1)
+            assert (steps > 0).all(), f"{path.name}: two consecutive frames are equal"
+            with Image.open(path) as gif:
+                assert gif.size == (256, 256) and gif.format == "GIF"
 
 
 def test_adapter_edits_with_the_vectors_of_exactly_these_weights(tmp_path, face_attr_cache):
