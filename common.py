@@ -512,7 +512,8 @@ def build_cache(source, files, img_size, crop, verbose=True, members=None) -> di
     writable memory map would count as this process's resident memory until the kernel flushes
     them), so memory does not grow with the number of images; the folder
     is renamed into place only when complete, so a crashed or concurrent build never leaves half
-    a cache. Returns {"images": (N, 3, h, w) uint8 memory-mapped, "files": kept names, in order,
+    a cache (Ctrl-C or a failed write removes the partial folder: _building). A damaged cache
+    (pixels.u8 not the size its index says) is built again. Returns {"images": (N, 3, h, w) uint8 memory-mapped, "files": kept names, in order,
     "orig_sizes": (N, 2) (W, H), "corrupt": names that could not be decoded (skipped, counted,
     never a crash mid-training), "path": the cache folder, "built": (seconds, images) or None}.
     """
