@@ -34,6 +34,7 @@ import argparse
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -45,6 +46,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -81,7 +83,39 @@ class InputError(ValueError):
 
 def cache_root() -> Path:
     """Where demo sets and uint8 image caches live: $FACE_ATTR_CACHE, else .cache beside this file."""
-    return Path(os.environ.get("FACE_ATTR_CACHE") or Path(__file__).resolve().parent / ".cache")
+    root = Path(os.environ.get("FACE_ATTR_CACHE") or Path(__file__).resolve().parent / ".cache")
+    if root.exists() and not root.is_dir():
+        raise InputError(f"FACE_ATTR_CACHE={root} is a file; expected a folder for the demo sets "
+                         "and image caches (a new or existing folder)")
+    return root
+
+
+def _cache_error(path, err) -> InputError:
+    """The one line for a cache file or folder that cannot be written (no such folder, read-only,
+    disk full, quota): the path, the cause, and the variable that moves the cache."""
+    where = (f"FACE_ATTR_CACHE={os.environ['FACE_ATTR_CACHE']}" if os.environ.get("FACE_ATTR_CACHE")
+             else f"the cache folder {cache_root()} (FACE_ATTR_CACHE unset)")
+    return InputError(f"cannot write {path} ({err.strerror or err}); nothing partial was kept; "
+                      f"{where} must be a writable folder with room: set FACE_ATTR_CACHE to one")
+
+
+@contextlib.contextmanager
+def _building(tmp, dest, what):
+    """Around filling the temporary folder `tmp` that becomes `dest` once complete: on any failure
+    `tmp` is removed (nothing half-built is left in the way of the next run); Ctrl-C becomes a
+    one-line KeyboardInterrupt, a write failure (OSError) a one-line InputError naming `dest`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KeyboardInterrupt(f"interrupted while building {what}; nothing partial was kept; "
+                                "the same command starts it again") from None
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _cache_error(dest, err) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,7 +245,8 @@ def read_annotation(path) -> tuple[list[str], dict[str, list[str]]]:
     expected, kind = ANNOTATION_VALUES.get(path.stem, (None, None))
     is_csv = path.suffix == ".csv"
     header, header_line, rows, shared = [], 0, {}, {}
-    with open(path, newline="") as f:  # one row at a time: 202,599 rows are never held twice
+    # utf-8-sig: a byte-order mark (Windows editors write one) is dropped, in .txt as in .csv
+    with open(path, newline="", encoding="utf-8-sig") as f:  # one row at a time, never held twice
         lines = enumerate(csv.reader(f) if is_csv else (line.split() for line in f), 1)
         for n, row in lines:
             if not row:
@@ -392,10 +427,26 @@ def cache_key(source, stamps, img_size, crop) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def _open_cache(folder: Path) -> dict:
-    """Reopen a finished cache: the pixels memory-mapped (copy-on-write, nothing read yet)."""
-    index = json.loads((folder / "index.json").read_text())
-    shape = tuple(index["shape"])
+def _open_cache(folder: Path) -> dict | None:
+    """Reopen a finished cache: the pixels memory-mapped (copy-on-write, nothing read yet). A
+    damaged one (index unreadable, or pixels.u8 not exactly N x 3 x h x w bytes: truncated by a
+    full disk, a copy cut short) is moved aside and deleted, saying why -> None (build it again)."""
+    try:
+        index = json.loads((folder / "index.json").read_text())
+        shape = tuple(index["shape"])
+        size = (folder / "pixels.u8").stat().st_size if shape[0] else 0
+        problem = (None if len(shape) == 4 and len(index["files"]) == shape[0] == len(
+            index["orig_sizes"]) and size == math.prod(shape) else f"pixels.u8 holds {size:,} "
+                   f"bytes, its index.json says {' x '.join(map(str, shape))} = {math.prod(shape):,}")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    if problem:
+        print(f"the image cache {folder} is damaged ({problem}): building it again", file=sys.stderr)
+        aside = folder.with_name(f"{folder.name}.{os.getpid()}.damaged.tmp")
+        with contextlib.suppress(OSError):  # another process may have moved it first
+            os.rename(folder, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        return None
     if shape[0] == 0:
         images = torch.empty(shape, dtype=torch.uint8)
     else:
@@ -461,7 +512,8 @@ def build_cache(source, files, img_size, crop, verbose=True, members=None) -> di
     writable memory map would count as this process's resident memory until the kernel flushes
     them), so memory does not grow with the number of images; the folder
     is renamed into place only when complete, so a crashed or concurrent build never leaves half
-    a cache. Returns {"images": (N, 3, h, w) uint8 memory-mapped, "files": kept names, in order,
+    a cache (Ctrl-C or a failed write removes the partial folder: _building). A damaged cache
+    (pixels.u8 not the size its index says) is built again. Returns {"images": (N, 3, h, w) uint8 memory-mapped, "files": kept names, in order,
     "orig_sizes": (N, 2) (W, H), "corrupt": names that could not be decoded (skipped, counted,
     never a crash mid-training), "path": the cache folder, "built": (seconds, images) or None}.
     """
@@ -469,8 +521,8 @@ def build_cache(source, files, img_size, crop, verbose=True, members=None) -> di
     members = members if members is not None else list_images(source)
     key = cache_key(source, _image_stamps(source, files, members), img_size, crop)
     folder = cache_root() / "images" / key
-    if (folder / "index.json").is_file():
-        return _open_cache(folder)
+    if folder.is_dir() and (cache := _open_cache(folder)) is not None:
+        return cache
     out_h, out_w = _size_hw(img_size)
     need = len(files) * 3 * out_h * out_w
     _remove_crashed_builds(folder.parent)
@@ -478,8 +530,7 @@ def build_cache(source, files, img_size, crop, verbose=True, members=None) -> di
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f"{key}.{os.getpid()}.", suffix=".tmp", dir=folder.parent))
     except OSError as err:
-        raise InputError(f"cannot write the image cache in {folder.parent} ({err.strerror}); "
-                         "set FACE_ATTR_CACHE to a writable folder") from err
+        raise _cache_error(folder.parent, err) from None
     free = shutil.disk_usage(tmp).free
     if need > free:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -488,7 +539,7 @@ def build_cache(source, files, img_size, crop, verbose=True, members=None) -> di
                          "free; set FACE_ATTR_CACHE to a folder with room")
     kept, sizes, corrupt = [], [], []
     start = time.time()
-    try:
+    with _building(tmp, folder, f"the image cache {folder}"):
         with open(tmp / "pixels.u8", "wb") as out:
             for done, (name, result) in enumerate(_decode_in_order(source, members, files, img_size,
                                                                    crop), 1):
@@ -504,13 +555,10 @@ def build_cache(source, files, img_size, crop, verbose=True, members=None) -> di
         (tmp / "index.json").write_text(json.dumps({
             "shape": [len(kept), 3, out_h, out_w], "files": kept, "orig_sizes": sizes,
             "corrupt": corrupt, "source": str(source)}))
-        try:
-            os.rename(tmp, folder)  # atomic; fails if another process finished the same cache first
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    try:
+        os.rename(tmp, folder)  # atomic; fails if another process finished the same cache first
+    except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     cache = _open_cache(folder)
     cache["built"] = (time.time() - start, len(files))
     return cache
@@ -1187,50 +1235,59 @@ def make_demo(root, n_identities=200, images_per_identity=DEMO_IMAGES_PER_IDENTI
     """Generate the demo set in the official CelebA layout under `root` (atomic: written to a
     temporary folder beside it, renamed into place at the end)."""
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
     faces = sample_demo_faces(n_identities, images_per_identity, seed)
     names = [f"{i + 1:06d}.jpg" for i in range(len(faces))]
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-    (tmp / "img_align_celeba").mkdir()
-    start = time.time()
-    jobs = [(tmp / "img_align_celeba" / name, params) for name, params in zip(names, faces)]
-    workers = min(os.cpu_count() or 1, 8)
-    if workers > 1 and len(jobs) > 64:
-        import multiprocessing
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = list(pool.map(_render_to_file, jobs, chunksize=32))
-    else:
-        results = [_render_to_file(job) for job in jobs]
-    print(f"demo set: {len(faces)} faces of {n_identities} identities drawn in {time.time() - start:.1f} s"
-          f" -> {root}", file=sys.stderr)
-    ids = sorted({p["identity"] for p in faces})
-    order = np.random.default_rng(seed + 1).permutation(len(ids))
-    n_held = max(1, round(0.1 * len(ids)))  # identities in val and in test each (80/10/10)
-    part_of = {ids[k]: (0 if r < len(ids) - 2 * n_held else 1 if r < len(ids) - n_held else 2)
-               for r, k in enumerate(order)}
-    labels = [demo_labels(p) for p in faces]
-    lines = [f"{len(faces)}", " ".join(CELEBA_ATTRS)]
-    lines += [f"{n} " + " ".join(f"{2 * lab[a] - 1:2d}" for a in CELEBA_ATTRS) for n, lab in zip(names, labels)]
-    (tmp / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
-    (tmp / "identity_CelebA.txt").write_text("".join(f"{n} {p['identity']}\n" for n, p in zip(names, faces)))
-    (tmp / "list_eval_partition.txt").write_text("".join(f"{n} {part_of[p['identity']]}\n" for n, p in zip(names, faces)))
-    header = " ".join(f"{k}_{c}" for k in LANDMARK_NAMES for c in "xy")
-    (tmp / "list_landmarks_align_celeba.txt").write_text(
-        f"{len(faces)}\n{header}\n" + "".join(f"{n} " + " ".join(f"{v}" for pt in r[0] for v in pt) + "\n"
-                                              for n, r in zip(names, results)))
-    (tmp / "list_bbox_celeba.txt").write_text(
-        f"{len(faces)}\nimage_id x_1 y_1 width height\n" + "".join(
-            f"{n} " + " ".join(str(v) for v in r[1]) + "\n" for n, r in zip(names, results)))
-    (tmp / "demo_faces.json").write_text(json.dumps(dict(zip(names, faces))))
-    (tmp / "README.txt").write_text(
-        "Synthetic demo CelebA (generated by common.py; not real people). Official CelebA layout.\n"
-        f"Rendered attributes: {', '.join(DEMO_ATTRS)}; all others are -1 (absent).\n"
-        "demo_faces.json holds every image's render parameters (common.render_counterfactual).\n"
-        "list_bbox_celeba.txt boxes the head in these images (CelebA's refer to the wild images).\n")
     try:
-        os.replace(tmp, root)  # atomic; fails if another process finished first
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
+    except OSError as err:
+        raise _cache_error(root.parent, err) from None
+    with _building(tmp, root, f"the demo set {root}"):
+        (tmp / "img_align_celeba").mkdir()
+        start = time.time()
+        jobs = [(tmp / "img_align_celeba" / name, params) for name, params in zip(names, faces)]
+        workers = min(os.cpu_count() or 1, 8)
+        if workers > 1 and len(jobs) > 64:
+            import multiprocessing  # the workers leave Ctrl-C to this process, which cleans up
+            pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("fork"), initializer=signal.signal,
+                initargs=(signal.SIGINT, signal.SIG_IGN))
+            try:
+                results = list(pool.map(_render_to_file, jobs, chunksize=32))
+            finally:
+                pool.shutdown(cancel_futures=True)
+        else:
+            results = [_render_to_file(job) for job in jobs]
+        print(f"demo set: {len(faces)} faces of {n_identities} identities drawn in {time.time() - start:.1f} s"
+              f" -> {root}", file=sys.stderr)
+        ids = sorted({p["identity"] for p in faces})
+        order = np.random.default_rng(seed + 1).permutation(len(ids))
+        n_held = max(1, round(0.1 * len(ids)))  # identities in val and in test each (80/10/10)
+        part_of = {ids[k]: (0 if r < len(ids) - 2 * n_held else 1 if r < len(ids) - n_held else 2)
+                   for r, k in enumerate(order)}
+        labels = [demo_labels(p) for p in faces]
+        lines = [f"{len(faces)}", " ".join(CELEBA_ATTRS)]
+        lines += [f"{n} " + " ".join(f"{2 * lab[a] - 1:2d}" for a in CELEBA_ATTRS) for n, lab in zip(names, labels)]
+        (tmp / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
+        (tmp / "identity_CelebA.txt").write_text("".join(f"{n} {p['identity']}\n" for n, p in zip(names, faces)))
+        (tmp / "list_eval_partition.txt").write_text("".join(f"{n} {part_of[p['identity']]}\n" for n, p in zip(names, faces)))
+        header = " ".join(f"{k}_{c}" for k in LANDMARK_NAMES for c in "xy")
+        (tmp / "list_landmarks_align_celeba.txt").write_text(
+            f"{len(faces)}\n{header}\n" + "".join(f"{n} " + " ".join(f"{v}" for pt in r[0] for v in pt) + "\n"
+                                                  for n, r in zip(names, results)))
+        (tmp / "list_bbox_celeba.txt").write_text(
+            f"{len(faces)}\nimage_id x_1 y_1 width height\n" + "".join(
+                f"{n} " + " ".join(str(v) for v in r[1]) + "\n" for n, r in zip(names, results)))
+        (tmp / "demo_faces.json").write_text(json.dumps(dict(zip(names, faces))))
+        (tmp / "README.txt").write_text(
+            "Synthetic demo CelebA (generated by common.py; not real people). Official CelebA layout.\n"
+            f"Rendered attributes: {', '.join(DEMO_ATTRS)}; all others are -1 (absent).\n"
+            "demo_faces.json holds every image's render parameters (common.render_counterfactual).\n"
+            "list_bbox_celeba.txt boxes the head in these images (CelebA's refer to the wild images).\n")
+        try:
+            os.replace(tmp, root)  # atomic; fails if another process finished first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
@@ -1240,6 +1297,9 @@ def demo_root(spec="demo") -> Path:
     count = spec.partition(":")[2]
     if spec != "demo" and not count.isdigit():
         raise InputError(f"unknown demo set {spec!r}; expected 'demo' or 'demo:N' (N identities)")
+    if count and int(count) < 1:
+        raise InputError(f"{spec}: demo:N needs N ≥ 1 (N identities of {DEMO_IMAGES_PER_IDENTITY} "
+                         "images each; 'demo' is 200)")
     n_identities = int(count) if count else 200
     root = cache_root() / "demo" / f"seed0_ids{n_identities}"
     if not (root / "demo_faces.json").is_file():
@@ -1426,3 +1486,6 @@ if __name__ == "__main__":
         main()
     except InputError as err:  # bad input: one clear line, no traceback
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt as err:  # Ctrl-C: its one line, and the shell's code for SIGINT
+        print(str(err) or "interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)

@@ -1,6 +1,12 @@
-"""The benchmark scripts' argument checks: a bad number or device gets one line, before any work
-(the method files do the same with their parse_dataclass)."""
+"""The benchmark scripts' command-line plumbing: a bad number, device or output path gets one line
+before any work (the method files do the same with their parse_dataclass); outputs are written
+atomically; bad input and Ctrl-C end in one line, never a traceback."""
+import io
 import math
+import os
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -27,3 +33,61 @@ def vet(args, positive=(), at_least_zero=()):
             torch.cuda.device_count(), 1)):
         raise InputError(f"--device {name}: not on this machine; expected auto or {', '.join(available)}")
     return args
+
+
+def output_path(path, flag, overwrite=False):
+    """Before any work: `path` must be a file name in a folder this process can write (created
+    if missing; a probe file is written there and deleted, which a read-only or full file system
+    refuses even to root), and no file may be there unless --overwrite -> Path."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; expected a file name")
+    if path.exists() and not overwrite:
+        raise InputError(f"{flag} {path} exists; pass --overwrite to replace it, or name a new file")
+    above = next(p for p in path.parents if p.exists() or p == p.parent)  # nearest existing folder
+    if not above.is_dir():
+        raise InputError(f"{flag} {path}: {above} is a file, not a folder; expected a file name in "
+                         "a writable folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent) as probe:
+            probe.write(b"probe")
+            probe.flush()
+    except OSError as err:
+        raise InputError(f"{flag} {path}: cannot write there ({err.strerror or err}); expected a "
+                         "file name in a writable folder") from None
+    return path
+
+
+def write_output(path, content):
+    """Write `content` (bytes, str, or an object for torch.save) to a temporary file beside `path`,
+    then rename it over `path` (atomic). A failure (disk full, quota, read-only) -> one line naming
+    the path and the cause, with no temporary file left and any previous `path` intact."""
+    path = Path(path)
+    if not isinstance(content, (bytes, str)):
+        buffer = io.BytesIO()  # serialised in memory: the file is written by Python, whose
+        torch.save(content, buffer)  # OSError names the cause (torch's own writer raises a bare
+        content = buffer.getvalue()  # "iostream error")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write {path} ({err.strerror or err}); nothing was written there") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def run(main):
+    """A benchmark script's top level: bad input -> "error: <one line>" (exit 1); Ctrl-C -> its
+    one line (exit 130, the shell's code for SIGINT)."""
+    try:
+        main()
+    except InputError as err:
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt as err:
+        print(str(err) or "interrupted (Ctrl-C); nothing was written", file=sys.stderr)
+        sys.exit(130)

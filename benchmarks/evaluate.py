@@ -33,6 +33,9 @@ size, so each results table has its floor. What is measured:
         --judge runs/judge/demo.pt --json runs/eval/attgan_demo.json
     python benchmarks/evaluate.py --method noop --img-size 64 --data demo --judge runs/judge/demo.pt
     python benchmarks/evaluate.py --table runs/eval/*_demo.json      # a Markdown results table
+
+--json is checked before the scoring (a folder that cannot be written, or an existing file without
+--overwrite, is refused) and written atomically after it.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import InputError  # noqa: E402
-from cli import vet  # noqa: E402
+from cli import output_path, run, vet, write_output  # noqa: E402
 from judge import MIN_MARGIN, load_judge  # noqa: E402
 
 METHODS = ("attgan", "dual_transfer", "cgan", "feature_ae", "mad")
@@ -201,7 +204,8 @@ def evaluate(method, ckpt, data="demo", judge_path=None, split="test", max_image
     img_size and crop only apply to --method noop (default: the judge's size)."""
     if method not in METHODS + (NOOP,):
         raise InputError(f"unknown --method {method!r}; expected one of {', '.join(METHODS + (NOOP,))}")
-    judge = load_judge(judge_path, device)
+    judge = load_judge(judge_path, device)  # both files checked for what they are before any data
+    model = None if method == NOOP else importlib.import_module(f"adapters.{method}").load(ckpt, device)
     attr_set = judged_attributes(judge, load_test(data, judge.attr_names, split, judge.img_size,
                                                   judge.crop, max_images), min_margin)
     if not attr_set["attrs"]:
@@ -210,8 +214,6 @@ def evaluate(method, ckpt, data="demo", judge_path=None, split="test", max_image
                          f"(train a better judge, or lower --min-margin)")
     if method == NOOP:
         model = do_nothing(attr_set["attrs"], img_size or judge.img_size, crop)
-    else:
-        model = importlib.import_module(f"adapters.{method}").load(ckpt, device)
     renders = {}  # counterfactuals, shared with the do-nothing run at the same size
     extra = list(EXPRESSION_ATTRS) if model.encode is not None else []  # retrieval labels
     names = list(dict.fromkeys(list(model.attr_names) + attr_set["attrs"] + extra))
@@ -419,10 +421,28 @@ COLUMNS = (  # key, header, format
 RANKED = ("edit_fd", "sample_fd")  # lowest in bold, among the methods of ONE size only
 
 
+RESULT_KEYS = {"method", "data", "split", "images", "attr_set", "img_size", "crop", "attrs"}
+
+
+def read_result(path):
+    """One results file of `evaluate.py --json` -> dict; anything else -> InputError."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise InputError(f"--table {path}: {err.strerror}; expected a results file written by "
+                         "evaluate.py --json") from None
+    except ValueError:
+        result = None
+    if not (isinstance(result, dict) and RESULT_KEYS <= set(result)):
+        raise InputError(f"--table {path}: expected a results file written by evaluate.py --json, "
+                         f"found {'JSON without its fields' if isinstance(result, (dict, list)) else 'no JSON'}")
+    return result
+
+
 def table(paths):
     """A Markdown results table of evaluation JSON files: one row each, grouped by size with a
     do-nothing row per size, then notes naming the judged attribute set and every exception."""
-    rows = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [read_result(p) for p in paths]
     first = rows[0]
     for r in rows[1:]:  # one table, one data set, one judge, one attribute set
         for key in ("data", "split", "images", "attr_set"):
@@ -502,6 +522,7 @@ def main(argv=None):
     parser.add_argument("--crop", type=int, default=170, help="noop only: centre crop")
     parser.add_argument("--device", default="cpu", help="device for the method and the judge")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--table", nargs="+", help="print a Markdown table of these result files")
     args = vet(parser.parse_args(argv), positive=("max_images", "img_size"),
                at_least_zero=("true_images", "min_margin", "crop"))
@@ -511,17 +532,15 @@ def main(argv=None):
     if not (args.method and args.judge and (args.ckpt or args.method == NOOP)):
         raise InputError("--method, --ckpt and --judge are required (--ckpt not for noop; "
                          "or --table FILES)")
+    if args.json:  # checked before the scoring, written (atomically) after it
+        output_path(args.json, "--json", args.overwrite)
     result = evaluate(args.method, args.ckpt, args.data, args.judge, args.split, args.max_images,
                       args.true_images, args.device, args.min_margin, args.img_size, args.crop)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_output(args.json, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
     return result
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as err:
-        sys.exit(f"error: {err}")
+    run(main)

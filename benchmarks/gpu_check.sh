@@ -40,13 +40,13 @@ torchvision.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(
 
 section "1. attgan img/s at 128 px (speed.py: the real training loop from the cache)"
 run python benchmarks/speed.py --methods attgan --batch-sizes 32 64 --amp on off --compile off \
-    --device "$DEVICE" --data "$DATA" --json "$OUT/speed_attgan.json" "${SPEED[@]}"
+    --device "$DEVICE" --data "$DATA" --json "$OUT/speed_attgan.json" --overwrite "${SPEED[@]}"
 run python benchmarks/speed.py --methods attgan --batch-sizes 32 64 --amp on --compile on \
-    --device "$DEVICE" --data "$DATA" --json "$OUT/speed_attgan_compile.json" "${SPEED[@]}"
+    --device "$DEVICE" --data "$DATA" --json "$OUT/speed_attgan_compile.json" --overwrite "${SPEED[@]}"
 
 section "2. the other methods' img/s at their default sizes"
 run python benchmarks/speed.py --methods dual_transfer cgan feature_ae mad --batch-sizes 32 --amp on \
-    --compile off --device "$DEVICE" --data "$DATA" --json "$OUT/speed_others.json" "${SPEED[@]}"
+    --compile off --device "$DEVICE" --data "$DATA" --json "$OUT/speed_others.json" --overwrite "${SPEED[@]}"
 
 section "3. bf16 against fp32 (same seed, same steps)"
 rm -rf "$OUT/bf16" "$OUT/fp32"
@@ -77,11 +77,11 @@ PY
 section "4. a 128 px attgan run on the sample, a judge, evaluate.py"
 rm -rf "$OUT/attgan128"
 run python attgan.py --data "$DATA" --device "$DEVICE" --out "$OUT/attgan128" "${RUN[@]}"
-run python benchmarks/judge.py --data "$DATA" --device "$DEVICE" --out "$OUT/judge.pt" "${JUDGE[@]}"
+run python benchmarks/judge.py --data "$DATA" --device "$DEVICE" --out "$OUT/judge.pt" --overwrite "${JUDGE[@]}"
 run python benchmarks/evaluate.py --method attgan --ckpt "$OUT/attgan128/ckpt.pt" --data "$DATA" \
-    --judge "$OUT/judge.pt" --device "$DEVICE" --json "$OUT/eval_attgan128.json"
+    --judge "$OUT/judge.pt" --device "$DEVICE" --json "$OUT/eval_attgan128.json" --overwrite
 run python benchmarks/evaluate.py --method noop --img-size 128 --data "$DATA" --judge "$OUT/judge.pt" \
-    --device "$DEVICE" --json "$OUT/eval_noop128.json"
+    --device "$DEVICE" --json "$OUT/eval_noop128.json" --overwrite
 rm -rf "$FACE_ATTR_CACHE"   # the image cache is rebuilt from the data; nothing to bring back
 section "done: $OUT"
 ls -la "$OUT" | tee -a "$LOG"

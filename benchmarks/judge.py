@@ -18,13 +18,13 @@ are resized to it (bilinear, antialiased) by `Judge.prepare`.
 
 Prints the per-attribute test accuracy beside the majority baseline (always answering the most
 common value), marks the attributes it reads at least 5 points better than that (the ones
-benchmarks/evaluate.py scores), and stores both numbers in the checkpoint.
+benchmarks/evaluate.py scores), and stores both numbers in the checkpoint. --out is checked before
+any work: a folder that cannot be written is refused, and so is an existing file unless --overwrite.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from common import InputError  # noqa: E402
-from cli import vet  # noqa: E402
+from cli import output_path, run, vet, write_output  # noqa: E402
 
 # --smoke: 200 steps (seconds) is the least that reliably beats the majority rate on demo:16's
 # per-image attributes (Black_Hair by 0.32-0.37 over seeds 0-2; tests/test_benchmarks.py relies on it).
@@ -104,14 +104,25 @@ class Judge:
 
 
 def load_judge(path, device="cpu"):
+    """A judge written by this script -> Judge; any other file -> InputError saying what it is."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"judge not found: {path} (train one: python benchmarks/judge.py "
                          f"--data DATA --out {path})")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "model" not in state or "attr_names" not in state:
-        raise InputError(f"{path} is not a judge checkpoint (written by benchmarks/judge.py)")
-    return Judge(state, device)
+    try:  # weights_only: a file of unknown origin never runs code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        state = None
+    expected = f"{path}: expected a judge written by benchmarks/judge.py"
+    if not isinstance(state, dict):
+        raise InputError(f"{expected}, found a file that is not a checkpoint")
+    if state.get("script", "judge.py") != "judge.py" or not {"model", "attr_names", "config"} <= set(state):
+        raise InputError(f"{expected}, found a checkpoint of {state.get('script', 'another program')}")
+    try:
+        return Judge(state, device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise InputError(f"{expected}; its weights do not fit its configuration "
+                         f"({str(err).splitlines()[0]})") from None
 
 
 def varying_attrs(labels, names):
@@ -180,13 +191,8 @@ def train_judge(args):
     state = {"model": {k: v.cpu() for k, v in net.state_dict().items()},
              "config": {k: v for k, v in vars(args).items()}, "attr_names": names,
              "test_accuracy": dict(zip(names, test_acc.tolist())),
-             "majority": dict(zip(names, majority.tolist())), "steps": args.steps}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, out)  # atomic, as every checkpoint here
-    print(f"wrote {out}")
+             "majority": dict(zip(names, majority.tolist())), "steps": args.steps, "script": "judge.py"}
+    print(f"wrote {write_output(args.out, state)}")  # atomic, as every checkpoint here
     return state
 
 
@@ -195,6 +201,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", default="demo", help="dataset (any layout common.py reads, or demo)")
     parser.add_argument("--out", default="runs/judge/judge.pt", help="checkpoint to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--attrs", nargs="*", default=[],
                         help="attributes to judge (default: every one that varies in the data)")
     parser.add_argument("--img-size", type=int, default=64, help="judge input size in pixels")
@@ -213,6 +220,7 @@ def parse_args(argv=None):
         for name, value in SMOKE.items():
             if getattr(args, name) == getattr(defaults, name):
                 setattr(args, name, value)
+    output_path(args.out, "--out", args.overwrite)  # before the data is drawn and the judge trained
     return args
 
 
@@ -221,7 +229,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as err:
-        sys.exit(f"error: {err}")
+    run(main)

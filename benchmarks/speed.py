@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import InputError  # noqa: E402
-from cli import vet  # noqa: E402
+from cli import output_path, run, vet, write_output  # noqa: E402
 
 # Flags that select each method's default (full-size) configuration when run on the demo data.
 # (Without them a CPU would switch to the methods' small cpu-demo presets.) feature_ae.py times its
@@ -84,7 +84,10 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="'auto', 'cuda' or 'cpu'")
     parser.add_argument("--data", default="demo:16", help="dataset the loops read")
     parser.add_argument("--json", help="also write the table as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = vet(parser.parse_args(argv), positive=("batch_sizes", "steps"))
+    if args.json:  # checked before the timing, written after it
+        output_path(args.json, "--json", args.overwrite)
     rows = []
     print(f"{'method':<15}{'batch':>6}{'bf16':>6}{'compile':>9}{'img/s':>10}")
     with tempfile.TemporaryDirectory() as workdir:
@@ -102,12 +105,9 @@ def main(argv=None):
                         shown = f"{rate:10.1f}" if rate is not None else f"  failed: {error}"
                         print(f"{method:<15}{batch:>6}{amp:>6}{compile_:>9}{shown}", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        write_output(args.json, json.dumps(rows, indent=1) + "\n")
     return rows
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as err:
-        sys.exit(f"error: {err}")
+    run(main)

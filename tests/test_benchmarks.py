@@ -8,6 +8,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import types
 
@@ -121,11 +123,13 @@ HELP_SCRIPTS = ["benchmarks/evaluate.py", "benchmarks/judge.py", "benchmarks/spe
 @pytest.fixture(scope="session")
 def cli(tmp_path_factory, face_attr_cache):
     """This file's command lines, in order, in ONE fresh interpreter (conftest.commands): a --smoke
-    judge (200 steps on demo:16, 32 px) for the whole file, --help of the three scripts, and
-    evaluate.py's do-nothing floor scored by that judge."""
+    judge (200 steps on demo:16, 32 px) for the whole file, --help of the three scripts, a text
+    file given as the judge, and evaluate.py's do-nothing floor scored by that judge."""
     folder = tmp_path_factory.mktemp("judge")
+    (folder / "some.txt").write_text("a note, not a judge\n")
     calls = {"judge": ("benchmarks/judge.py", ["--smoke", "--out", folder / "judge.pt"]),
              **{script: (script, ["--help"]) for script in HELP_SCRIPTS},
+             "not_a_judge": ("benchmarks/evaluate.py", ["--method", "noop", "--judge", folder / "some.txt"]),
              "noop": ("benchmarks/evaluate.py", ["--method", "noop", "--data", "demo:16", "--judge",
                                                  folder / "judge.pt", "--img-size", "16", "--true-images",
                                                  "4", "--json", folder / "noop.json"])}
@@ -491,3 +495,138 @@ def test_bad_arguments_get_one_line_before_any_work(script, argv, message):
     with pytest.raises(common.InputError) as err:
         module.main(argv)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Every file given is checked for what it is; every output before the work; faults in one line
+# ------------------------------------------------------------------------------------------------
+def test_a_text_file_given_as_the_judge_is_one_line(cli):
+    proc = cli["not_a_judge"]  # evaluate.py --method noop --judge some.txt
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr == (f"error: {cli['folder'] / 'some.txt'}: expected a judge written by "
+                           "benchmarks/judge.py, found a file that is not a checkpoint\n")
+
+
+@pytest.mark.parametrize("content,found", [
+    ({"script": "attgan.py", "generator": {}, "config": {}}, "found a checkpoint of attgan.py"),
+    ({"weights": torch.zeros(2)}, "found a checkpoint of another program"),
+    ([1, 2, 3], "found a file that is not a checkpoint"),
+    ("narrower", "its weights do not fit its configuration"),
+])
+def test_a_file_that_is_not_a_judge_is_named(smoke_judge, tmp_path, content, found):
+    path = tmp_path / "judge.pt"
+    if content == "narrower":  # a judge's weights under another width
+        state = torch.load(smoke_judge, weights_only=True)
+        content = {**state, "config": {**state["config"], "width": state["config"]["width"] // 2}}
+    torch.save(content, path)
+    with pytest.raises(common.InputError) as err:
+        evaluate.main(["--method", "noop", "--judge", str(path)])
+    assert str(err.value).startswith(f"{path}: expected a judge written by benchmarks/judge.py")
+    assert found in str(err.value) and "\n" not in str(err.value)
+
+
+def test_table_names_a_file_that_is_not_a_result(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    for name, found in (("notes.txt", "found no JSON"), ("other.json", "found JSON without its fields"),
+                        ("none.json", "No such file or directory")):
+        with pytest.raises(common.InputError, match=f"^--table {tmp_path / name}: .*{found}"):
+            evaluate.main(["--table", str(tmp_path / name)])
+
+
+@pytest.mark.parametrize("where,message", [
+    ("file/judge.pt", "{tmp}/file is a file, not a folder"),
+    ("/proc/face_attr/judge.pt", r"cannot write there \(No such file or directory\)"),  # no such folder
+    ("/proc/self/judge.pt", r"cannot write there \(No such file or directory\)"),  # refuses even root
+    ("old.pt", "exists; pass --overwrite to replace it"),
+])
+def test_judge_checks_its_output_before_it_draws_data_or_trains(tmp_path, monkeypatch, where, message):
+    """A fresh cache folder stays absent: the refusal comes before the demo set is drawn."""
+    monkeypatch.setenv("FACE_ATTR_CACHE", str(tmp_path / "fresh_cache"))
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "old.pt").write_bytes(b"the previous judge")
+    out = where if where.startswith("/") else str(tmp_path / where)
+    with pytest.raises(common.InputError, match=f"^--out {out}" + ".*" + message.format(tmp=tmp_path)):
+        judge_module.main(["--smoke", "--out", out])
+    assert not (tmp_path / "fresh_cache").exists()
+    assert (tmp_path / "old.pt").read_bytes() == b"the previous judge"
+    assert (tmp_path / "file").read_text() == "a file"
+    if where == "old.pt":  # the flag lets it through (to the training, which is not run here)
+        assert judge_module.parse_args(["--smoke", "--out", out, "--overwrite"]).overwrite
+
+
+@pytest.mark.parametrize("script", ["evaluate", "speed"])
+def test_json_outputs_are_checked_before_the_work_and_never_overwritten_silently(tmp_path, monkeypatch, script):
+    import speed
+    module = {"evaluate": evaluate, "speed": speed}[script]
+    work = "evaluate" if script == "evaluate" else "measure"
+    monkeypatch.setattr(module, work, lambda *a, **k: pytest.fail(f"{work} ran before the check"))
+    argv = (["--method", "noop", "--judge", "unused.pt"] if script == "evaluate" else
+            ["--methods", "cgan", "--batch-sizes", "8", "--amp", "off", "--compile", "off"])
+    (tmp_path / "file").write_text("a file")
+    (tmp_path / "old.json").write_text('{"old": 1}')
+    for out, message in ((tmp_path / "old.json", "exists; pass --overwrite to replace it"),
+                         (tmp_path / "file" / "r.json", f"{tmp_path}/file is a file, not a folder")):
+        with pytest.raises(common.InputError, match=f"^--json {out}" + ".*" + message):
+            module.main(argv + ["--json", str(out)])
+    assert (tmp_path / "old.json").read_text() == '{"old": 1}'
+    monkeypatch.setattr(module, work, lambda *a, **k: (1.0, None) if script == "speed" else {"ok": 1})
+    module.main(argv + ["--json", str(tmp_path / "old.json"), "--overwrite"])
+    assert (tmp_path / "old.json").read_text() != '{"old": 1}' and not list(tmp_path.glob("*.tmp"))
+
+
+WRITE_PROBE = """
+import sys
+sys.path.insert(0, {bench!r})
+import torch, cli
+cli.run(lambda: cli.write_output(sys.argv[1], {{"weights": torch.zeros(100_000)}}))
+"""
+
+
+def test_a_disk_that_fills_while_an_output_is_written_gets_one_line_and_keeps_the_old_file(tmp_path):
+    """RLIMIT_FSIZE of 100 kB with SIGXFSZ ignored: the 400 kB write fails with EFBIG, as on a
+    full disk; the previous file survives and no temporary file is left."""
+    path = tmp_path / "judge.pt"
+    path.write_bytes(b"the previous judge")
+
+    def small_file_limit():
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = subprocess.run([sys.executable, "-c", WRITE_PROBE.format(bench=str(ROOT / "benchmarks")),
+                           str(path)], cwd=ROOT, capture_output=True, text=True, preexec_fn=small_file_limit,
+                          env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr == f"error: cannot write {path} (File too large); nothing was written there\n"
+    assert path.read_bytes() == b"the previous judge" and sorted(os.listdir(tmp_path)) == ["judge.pt"]
+
+
+def test_ctrl_c_during_judge_training_is_one_line_and_writes_nothing(tmp_path):
+    """SIGINT to the process group (a terminal's Ctrl-C) once training has started."""
+    out = tmp_path / "judge.pt"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "judge.py"), "--smoke", "--steps",
+                             "1000000", "--out", str(out)], cwd=ROOT, start_new_session=True, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    started = proc.stdout.readline()  # the line printed just before the first step
+    assert started.startswith("judge: "), started + proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.splitlines()[-1] == "interrupted (Ctrl-C); nothing was written"  # after the data notes
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_a_checkpoint_of_another_program_is_refused_before_any_data_is_read(method, smoke_judge, tmp_path,
+                                                                            monkeypatch):
+    """The judge given as --ckpt: each method's loader names what it expected and what it found,
+    before the test images are drawn or cached (a fresh cache folder stays absent)."""
+    monkeypatch.setenv("FACE_ATTR_CACHE", str(tmp_path / "fresh_cache"))
+    with pytest.raises(common.InputError) as err:
+        evaluate.main(["--method", method, "--ckpt", str(smoke_judge), "--judge", str(smoke_judge),
+                       "--data", "demo:1"])
+    assert str(err.value) == f"{smoke_judge}: expected a checkpoint written by {method}.py, found judge.py"
+    assert not (tmp_path / "fresh_cache").exists()

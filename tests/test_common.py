@@ -12,8 +12,10 @@ import csv
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -259,6 +261,32 @@ def test_csv_attributes_may_be_0_and_1_but_nothing_else(layouts, tmp_path):
         common.load_celeba(root, ATTRS, img_size=16, verbose=False)
 
 
+
+@pytest.mark.parametrize("layout,files", [("official", 5), ("kaggle", 4)])  # kaggle: no identities
+def test_a_byte_order_mark_is_read_as_in_csv_files(layouts, tmp_path, layout, files):
+    """Windows editors start a saved file with a UTF-8 BOM: every annotation file of the set gets
+    one, and the set loads exactly as without (labels, identities, split, landmarks)."""
+    root = tmp_path / layout
+    shutil.copytree(layouts[layout], root)
+    marked = [p for p in root.rglob("*") if p.stem in common.ANNOTATIONS]
+    assert len(marked) == files
+    for path in marked:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    for split in ("train", "test"):
+        ref = common.load_celeba(layouts[layout], ATTRS, split, img_size=16, verbose=False)
+        got = common.load_celeba(root, ATTRS, split, img_size=16, verbose=False)
+        assert got.files == ref.files and torch.equal(got.labels, ref.labels)
+        assert torch.equal(got.landmarks, ref.landmarks)  # files: the same split, so the same partition
+        assert (got.identities is None and ref.identities is None) or torch.equal(got.identities, ref.identities)
+
+
+def test_demo_0_is_refused_before_any_folder_is_made(tmp_path, monkeypatch):
+    monkeypatch.setenv("FACE_ATTR_CACHE", str(tmp_path / "cache"))
+    for spec in ("demo:0", "demo:00"):
+        with pytest.raises(common.InputError, match=f"^{spec}: demo:N needs N ≥ 1 "):
+            common.load_celeba(spec, ATTRS, img_size=16, verbose=False)
+    assert not (tmp_path / "cache").exists()
+
 # ------------------------------------------------------------------------------------------------
 # Partitions, tiny folders
 # ------------------------------------------------------------------------------------------------
@@ -494,6 +522,155 @@ def test_cache_build_memory_does_not_grow_with_the_number_of_images(tmp_path):
         capture_output=True, text=True, cwd=ROOT, env=env, check=True)
     small_growth, large_growth = map(float, proc.stdout.split())
     assert large_growth < 12, f"240 images raised the peak by {large_growth:.0f} MB (24: {small_growth:.0f} MB)"
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Faults of the machine around the cache: damage, an unusable folder, a full disk, Ctrl-C
+# ------------------------------------------------------------------------------------------------
+def _linked_set(root, count, colour=(200, 40, 90)):
+    """`count` labelled PNGs that are hard links of one file: a set of any size in no space."""
+    (root / "img_align_celeba").mkdir(parents=True)
+    one = root / "one.png"
+    _two_tone(colour).save(one, compress_level=0)
+    names = [f"{i + 1:06d}.png" for i in range(count)]
+    for name in names:
+        os.link(one, root / "img_align_celeba" / name)
+    (root / "list_attr_celeba.txt").write_text(
+        f"{count}\n{' '.join(common.CELEBA_ATTRS)}\n" + "".join(f"{n}" + " -1" * 40 + "\n" for n in names))
+    return names
+
+
+@pytest.mark.parametrize("damage", ["truncated", "too long", "index not JSON", "no pixels"])
+def test_a_damaged_cache_is_rebuilt_saying_why(tmp_path, capsys, damage):
+    _png_set(tmp_path, [(200, 30, 30), (30, 200, 30), (30, 30, 200)])
+    images = common.cache_root() / "images"
+    before = set(images.iterdir()) if images.is_dir() else set()
+    common.load_celeba(tmp_path, ATTRS, split="all", img_size=20, verbose=False)
+    (folder,) = set(images.iterdir()) - before
+    pixels, size = folder / "pixels.u8", 3 * 3 * 20 * 20
+    assert pixels.stat().st_size == size
+    if damage == "truncated":  # a full disk or a copy cut short
+        os.truncate(pixels, size // 2)
+    elif damage == "too long":
+        with open(pixels, "ab") as f:
+            f.write(b"\0" * 7)
+    elif damage == "index not JSON":
+        (folder / "index.json").write_text('{"shape": [3, 3,')
+    else:
+        pixels.unlink()
+    capsys.readouterr()
+    data = common.load_celeba(tmp_path, ATTRS, split="all", img_size=20, verbose=False)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"the image cache {folder} is damaged (") and err.endswith("): building it again")
+    assert len(err.splitlines()) == 1
+    if damage == "truncated":
+        assert f"pixels.u8 holds {size // 2:,} bytes, its index.json says 3 x 3 x 20 x 20 = {size:,}" in err
+    assert pixels.stat().st_size == size and not list(folder.parent.glob("*.tmp"))
+    for i, name in enumerate(data.files):  # the rebuilt pixels, against PIL by hand
+        expected = _reference(tmp_path / "img_align_celeba" / name, (20, 20), (4, 24, 174, 194))
+        assert (data.images[i].float() - expected).abs().max() <= 1
+    common.load_celeba(tmp_path, ATTRS, split="all", img_size=20, verbose=False)
+    assert capsys.readouterr().err == ""  # the rebuilt cache is reopened, not rebuilt again
+
+
+@pytest.mark.parametrize("where,message", [
+    ("file", r"FACE_ATTR_CACHE=\S+/file is a file; expected a folder"),
+    ("file/cache", r"cannot write \S+/file/cache/\w+ \(Not a directory\); .*FACE_ATTR_CACHE=\S+/file/cache "
+                   "must be a writable folder"),
+    ("/proc/face_attr_cache", r"cannot write /proc/face_attr_cache/\w+ \(No such file or directory\); "
+                              ".*FACE_ATTR_CACHE=/proc/face_attr_cache must be a writable folder"),
+])
+@pytest.mark.parametrize("data", ["demo:1", "folder"])
+def test_an_unusable_cache_folder_names_the_variable(tmp_path, monkeypatch, where, message, data):
+    """A regular file, a folder that would have to be made under a file, a folder under /proc:
+    none can be written, even by root (which ignores permission bits)."""
+    (tmp_path / "file").write_text("not a folder")
+    if data == "folder":
+        _png_set(tmp_path / "set", [(200, 30, 30)])
+    monkeypatch.setenv("FACE_ATTR_CACHE", where if where.startswith("/") else str(tmp_path / where))
+    with pytest.raises(common.InputError, match=message) as err:
+        common.load_celeba(tmp_path / "set" if data == "folder" else data, ATTRS, img_size=16, verbose=False)
+    assert "\n" not in str(err.value)
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_an_unusable_cache_folder_is_one_line_on_the_command_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = subprocess.run([sys.executable, str(ROOT / "common.py"), "info", "demo:1"], cwd=ROOT,
+                          env=dict(os.environ, FACE_ATTR_CACHE=str(tmp_path / "file" / "cache")),
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: cannot write {tmp_path}/file/cache/demo (Not a directory)")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _no_sigxfsz_and_a_small_file_limit(limit):
+    """preexec_fn: files may grow to `limit` bytes; a write beyond fails with EFBIG (the signal
+    that would kill the process is ignored), as on a full disk."""
+    def apply():
+        import resource
+        import signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_disk_that_fills_during_the_build_gets_one_line_and_no_partial_cache(tmp_path, monkeypatch):
+    _linked_set(tmp_path / "set", 12)  # 12 x 3 x 64 x 64 = 147,456 bytes of cache
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, str(ROOT / "common.py"), "bench", "--data", tmp_path / "set",
+                           "--img-size", "64", "--steps", "1", "--device", "cpu"], cwd=ROOT,
+                          env=dict(os.environ, FACE_ATTR_CACHE=str(cache), PYTHONDONTWRITEBYTECODE="1"),
+                          capture_output=True, text=True, preexec_fn=_no_sigxfsz_and_a_small_file_limit(50_000))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: cannot write {cache}/images/\w{{16}} \(File too large\); nothing partial "
+                        rf"was kept; FACE_ATTR_CACHE={cache} must be a writable folder with room: set "
+                        r"FACE_ATTR_CACHE to one", line), line
+    assert os.listdir(cache / "images") == []  # neither the temporary folder nor a cache
+    monkeypatch.setenv("FACE_ATTR_CACHE", str(cache))  # nothing in the way of the next run
+    assert len(common.load_celeba(tmp_path / "set", ATTRS, "all", 64, verbose=False).files) == 12
+
+
+SLOW_BUILD = """
+import runpy, sys, time
+sys.path.insert(0, {root!r})
+import common
+decode = common._decode
+common._decode = lambda *a: (time.sleep(0.05), decode(*a))[1]  # 20 images/s per thread
+sys.argv = ["common.py", *{argv!r}]
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("what", ["image cache", "demo set"])
+def test_ctrl_c_during_a_build_leaves_nothing_partial_and_says_so(tmp_path, what):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C, once the partial files are on
+    disk: one line, exit 130, and no partial folder in the way of the next run."""
+    cache = tmp_path / "cache"
+    if what == "image cache":
+        _linked_set(tmp_path / "set", 96)
+        argv, partial = ["bench", "--data", str(tmp_path / "set"), "--img-size", "16"], "images/*.tmp/pixels.u8"
+    else:
+        argv, partial = ["info", "demo:4"], "demo/seed0_ids4.*/img_align_celeba/*.jpg"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_BUILD.format(root=str(ROOT), argv=argv,
+                                                                     script=str(ROOT / "common.py"))],
+                            cwd=ROOT, env=dict(os.environ, FACE_ATTR_CACHE=str(cache)), start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for _ in range(6000):  # up to 60 s for the interpreter to start and the first file to appear
+        if list(cache.glob(partial)) or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    folder = "images/\\w{16}" if what == "image cache" else "demo/seed0_ids4"
+    assert re.fullmatch(rf"interrupted while building the {what} {cache}/{folder}; nothing partial was "
+                        "kept; the same command starts it again", lines[-1]), lines[-1]
+    assert [p.name for p in cache.glob("*/*")] == []  # no partial folder, no finished one
 
 
 # ------------------------------------------------------------------------------------------------
