@@ -3,7 +3,7 @@
 Paper: Zhenliang He, Wangmeng Zuo, Meina Kan, Shiguang Shan, Xilin Chen, "AttGAN: Facial Attribute
 Editing by Only Changing What You Want", IEEE TIP 2019, https://arxiv.org/abs/1711.10678.
 Code followed: LynnHo/AttGAN-Tensorflow at 4b00e6c (the TIP-paper "v1": models.py, train.py, data.py,
-test.py; its HEAD is a later "v2", unused), as the PyTorch port elvisyjlin/AttGAN-PyTorch.
+test.py, test_slide.py; its HEAD is a later "v2", unused), as the PyTorch port elvisyjlin/AttGAN-PyTorch.
 
 The idea. An encoder G_enc turns a face x into feature maps z; a decoder G_dec redraws a face from z
 and an attribute vector: given the face's own attributes a, x itself; given others, b, a face that a
@@ -35,7 +35,8 @@ Schedule (v1 train.py): Adam 2e-4, betas (0.5, 0.999); n_d = 5 D updates, then o
 its own batch; 200 epochs, lr × 0.1 from epoch 100; b = the batch's rows shuffled. Test (test.py): the
 edited attribute at ±test_int (1.0), the rest ±thres_int, the rivals of one turned on off (data.py
 check_attribute_conflict; v1 has no Mustache/No_Beard pair, c385855 removed it as "incorrect"; the
-port kept it).
+port kept it). edit --slide: test_slide.py's strip (10 values in −1..1, the rest the image's own;
+here 9 in ±test_int, rivals off as in test.py).
 
 Deviations, and why
 * Data (common.py, for every method): the official split (162,770 train), not v1's images[:182000];
@@ -55,7 +56,7 @@ Deviations, and why
 Run (more in README.md)
     python attgan.py                                # demo set; a CPU picks the cpu-demo preset
     torchrun --nproc_per_node 4 attgan.py --data ./celeba    # the paper's configuration
-    python attgan.py edit --image me.jpg --set Eyeglasses=1 Blond_Hair=1.5
+    python attgan.py edit --image me.jpg --set Eyeglasses=1 Blond_Hair=1.5    # or --slide Male
 """
 from __future__ import annotations
 
@@ -375,13 +376,14 @@ class EditArgs:
     image: str = None  # a photo (jpg/png), the face centred and filling most of the frame
     index: int = 0  # without --image: this image of the checkpoint's data set ('val' split)
     set: list = dataclasses.field(default_factory=list)  # Attr=v: G sees (2v − 1)·test_int (1 on, 0 off, 1.5 more)
+    slide: str = None  # Attr: a strip of Attr at 9 strengths, G seeing −test_int .. +test_int (v1 test_slide.py)
     test_int: float = 0.0  # the edited attributes' scale (0: the checkpoint's, 1 paper, 3 cpu-demo; training saw ±0.5)
     out: str = None  # output PNG (default: edit.png beside the checkpoint)
 
 
 @torch.no_grad()
 def edit(args):
-    """Print the attributes D reads, then write --set's edited face, or every attribute flipped."""
+    """Print the attributes D reads, then write --slide's strip, --set's edit or every flip."""
     if args.out and Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise InputError(f"--out {args.out}: expected a .png or .jpg file name")
     g, d, config, names = load(args.ckpt, pick_device("auto"))
@@ -392,6 +394,7 @@ def edit(args):
             raise InputError(f"--set {item!r}: expected Attr=value, e.g. Eyeglasses=1")
     changes = {names.index(common.resolve_attrs([item.partition("=")[0]], names)[0]):
                float(item.partition("=")[2]) for item in args.set}
+    slide = names.index(common.resolve_attrs([args.slide], names)[0]) if args.slide else None
     if args.image:
         image, labels, source = common.load_photo(args.image, size, crop), None, args.image
     else:
@@ -408,7 +411,13 @@ def edit(args):
         truth = f"   label {int(labels[k])}" if labels is not None else ""
         print(f"  {name:<22}{probs[0, k]:6.3f}  {'yes' if probs[0, k] > 0.5 else 'no '}{truth}")
     path = Path(args.out or Path(args.ckpt).parent / "edit.png")
-    if changes:  # the edited face alone, at the model's size
+    if slide is not None:  # test_slide.py's strip: the slid attribute from −test_int to +test_int
+        inputs = [edit_inputs(attr_src, names, thres_int, test_int, {**changes, slide: v})
+                  for v in torch.linspace(0, 1, 9).tolist()]  # label units: G sees (2v − 1)·test_int
+        heads = ["input"] + [f"{names[slide]} {a[0, slide].item():+g}" for a in inputs]  # what G sees
+        common.save_grid(torch.stack([image, *(g(image, a) for a in inputs)], 1).cpu(), path, col_labels=heads)
+        print("columns: " + ", ".join(heads))
+    elif changes:  # the edited face alone, at the model's size
         edited = g(image, edit_inputs(attr_src, names, thres_int, test_int, changes))
         torchvision.utils.save_image(edited[0].float().cpu() * 0.5 + 0.5, path)
     else:

@@ -1,7 +1,8 @@
 """Tests for attgan.py: shapes against the official layer sizes, each loss on a hand-computed
-case, where the gradient penalty is taken, the update alternation and the target shuffle, the
-test-time attribute rule, and the command line end to end (smoke run, exact resume, edit, the
-refusals of the shared plumbing, NaN guard, 2-process DDP that must agree exactly)."""
+case, where the gradient penalty is taken, the update alternation and the target shuffle, every
+input of every term of L_D and L_G (a recording G, a critic known in closed form), the test-time
+attribute rule, and the command line end to end (smoke run, exact resume, edit, the --slide strip,
+the refusals of the shared plumbing, NaN guard, 2-process DDP that must agree exactly)."""
 import json
 import math
 import os
@@ -399,8 +400,8 @@ def listing(folder):
 @pytest.fixture(scope="module")
 def cli(smoke_run, tmp_path_factory, face_attr_cache):
     """This file's command lines, in order, in ONE fresh interpreter (conftest.commands): --help
-    of the script and of edit, a second run into the smoke run's folder, an edit of a photo, and
-    an edit refused for its --out."""
+    of the script and of edit, a second run into the smoke run's folder, an edit of a photo, an
+    edit refused for its --out, a --slide strip and a --slide refused for its attribute."""
     out, _ = smoke_run
     folder = tmp_path_factory.mktemp("attgan_cli")
     photo = folder / "me.png"
@@ -409,7 +410,10 @@ def cli(smoke_run, tmp_path_factory, face_attr_cache):
              "second_run": ["--smoke", "--out", out],
              "edit": ["edit", "--ckpt", out / "ckpt.pt", "--image", photo, "--set", "Eyeglasses=1",
                       "--set", "blond_hair=0.5", "--out", folder / "me_edited.png"],
-             "edit_txt": ["edit", "--ckpt", out / "ckpt.pt", "--out", folder / "edit.txt"]}
+             "edit_txt": ["edit", "--ckpt", out / "ckpt.pt", "--out", folder / "edit.txt"],
+             "slide": ["edit", "--ckpt", out / "ckpt.pt", "--index", "1", "--slide", "blond_hair", "--test-int", "2",
+                       "--out", folder / "slide.png"],
+             "slide_unknown": ["edit", "--ckpt", out / "ckpt.pt", "--slide", "Bushy_Eyebrows"]}
     result = Commands()
     result.folder, result.listing_before = folder, listing(out)
     env = dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache), OMP_NUM_THREADS="1")
@@ -554,6 +558,52 @@ def test_edit_flips_a_validation_image_and_refuses_bad_settings(smoke_run, tmp_p
         attgan.main(["edit", "--ckpt", str(out / "ckpt.pt"), "--set", "Eyeglass=1"])
     with pytest.raises(InputError, match="Attr=value"):
         attgan.main(["edit", "--ckpt", str(out / "ckpt.pt"), "--set", "Male"])
+
+
+SLIDE_VALUES = [(2 * i / 8 - 1) * 2.0 for i in range(9)]  # −test_int .. +test_int in 9 steps, test_int 2
+SLIDE_HEADS = ["input"] + [f"Blond_Hair {v:+g}" for v in SLIDE_VALUES]
+
+
+def test_slide_writes_a_strip_labelled_with_what_g_sees(cli):
+    """`edit --slide blond_hair --test-int 2`: one row, the input then 9 columns, each labelled with
+    the value G is given for Blond_Hair (−2 .. +2), as v1 test_slide.py's strip."""
+    proc = cli["slide"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"columns: {', '.join(SLIDE_HEADS)}" in proc.stdout.splitlines()
+    reference = cli.folder / "reference.png"  # what common.save_grid draws for 1 x 10 pictures of 32 px
+    attgan.common.save_grid(torch.zeros(1, 10, 3, 32, 32), reference, col_labels=SLIDE_HEADS)
+    with Image.open(cli.folder / "slide.png") as strip, Image.open(reference) as drawn:
+        assert strip.size == drawn.size
+    proc = cli["slide_unknown"]  # an attribute the checkpoint was not trained on: one line
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: unknown attribute 'Bushy_Eyebrows'; valid names: Bald, Bangs")
+
+
+@torch.no_grad()
+def test_slide_columns_are_g_at_the_labelled_values(smoke_run, tmp_path, monkeypatch):
+    """Each column of the strip is G's output for the input built by hand: the image's own
+    attributes (as C reads them) at ±thres_int, Blond_Hair at the column's value and, where that
+    value turns it on, the other hair colours at −thres_int (v1 test.py's conflict rule)."""
+    out, _ = smoke_run
+    g, d, config, names = attgan.load(out / "ckpt.pt")
+    val = attgan.common.load_celeba(config["data"], names, "val", 32, config["crop"], verbose=False)
+    blond, rivals = names.index("Blond_Hair"), [names.index(n) for n in ("Black_Hair", "Brown_Hair", "Gray_Hair")]
+    own = ((torch.sigmoid(d(attgan.common.to_float(val.images))[1]) > 0.5).float() * 2 - 1) * 0.5  # a
+    index = next(i for i in range(len(own)) if own[i, rivals].max() > 0)  # a face with a rival to switch off
+    image, own = attgan.common.to_float(val.images[index:index + 1]), own[index:index + 1]
+    drawn = {}
+    monkeypatch.setattr(attgan.common, "save_grid", lambda images, path, col_labels: drawn.update(
+        images=images, labels=col_labels))
+    attgan.main(["edit", "--ckpt", str(out / "ckpt.pt"), "--index", str(index), "--slide", "Blond_Hair",
+                 "--test-int", "2", "--out", str(tmp_path / "slide.png")])
+    assert drawn["labels"] == SLIDE_HEADS and drawn["images"].shape == (1, 10, 3, 32, 32)
+    assert torch.equal(drawn["images"][0, 0], image[0])
+    for column, value in zip(drawn["images"][0, 1:], SLIDE_VALUES):
+        seen = own.clone()
+        seen[0, blond] = value
+        seen[0, rivals] = -0.5 if value > 0 else seen[0, rivals]
+        assert torch.allclose(column, g(image, seen)[0], atol=1e-6), value
+    assert all(not torch.equal(a, b) for a, b in zip(drawn["images"][0, 1:], drawn["images"][0, 2:]))
 
 
 def free_port():
