@@ -43,10 +43,10 @@ Deviations, and why
   a full permutation per epoch, not v1's 4,096-image shuffle buffer: a batch is a function of its
   step (exact resume, DDP shards). A centre 170 crop at every size (the port's CenterCrop(170); v1:
   x 3, y 26, and 148 at x 15, y 40 for 64 px). Resize bicubic in both; PIL's antialiases, TF 1's not.
-* Init, BatchNorm: PyTorch's defaults, as the port's nn.py; v1's slim: Glorot-uniform weights, zero
-  biases, BatchNorm decay 0.999, eps 1e-3 (here momentum 0.1, eps 1e-5). cpu-demo and the README's
-  numbers were tuned so; its 1,050 updates make 1,575 BatchNorm updates, after which decay 0.999
-  would still weigh the initial statistics by 21 % in eval mode.
+* Init, norms: PyTorch's defaults, as the port's nn.py; v1's slim: Glorot-uniform weights, zero biases,
+  BatchNorm decay 0.999, eps 1e-3, InstanceNorm eps 1e-6 (here momentum 0.1, eps 1e-5). cpu-demo and
+  the README's numbers were tuned so; its 1,050 updates make 1,575 BatchNorm updates, after which
+  decay 0.999 would still weigh the initial statistics by 21 % in eval mode.
 * D scores real and fake in one batch (InstanceNorm is per image). G's step encodes x for each decode
   (v1 once; DDP syncs only through forward): the same z, but BatchNorm's statistics see x twice.
 * CUDA: bf16 autocast, TF32, channels_last (v1 is fp32: --no-amp); the penalty is always fp32
