@@ -2,59 +2,61 @@
 
 Paper: Zhenliang He, Wangmeng Zuo, Meina Kan, Shiguang Shan, Xilin Chen, "AttGAN: Facial Attribute
 Editing by Only Changing What You Want", IEEE TIP 2019, https://arxiv.org/abs/1711.10678.
-Code followed: LynnHo/AttGAN-Tensorflow at commit 4b00e6c (the TIP-paper "v1": models.py, train.py,
-data.py, test.py), which the PyTorch port elvisyjlin/AttGAN-PyTorch follows. The repository's HEAD
-is a later "v2" with other defaults; nothing here comes from it.
+Code followed: LynnHo/AttGAN-Tensorflow at 4b00e6c (the TIP-paper "v1": models.py, train.py, data.py,
+test.py, test_slide.py; its HEAD is a later "v2", unused), as the PyTorch port elvisyjlin/AttGAN-PyTorch.
 
-The idea. An encoder G_enc turns a face x into feature maps z; a decoder G_dec redraws a face from
-z and an attribute vector. Given the face's own attributes a it must give x back; given others, b,
-a face that a classifier C reads as b and a critic D cannot tell from a photo. Reconstruction keeps
-what the attributes do not describe (identity, pose, background); the classifier makes them
-change. z is left free: the paper's point against "disentangled" encoders. D and C share a trunk.
+The idea. An encoder G_enc turns a face x into feature maps z; a decoder G_dec redraws a face from z
+and an attribute vector: given the face's own attributes a, x itself; given others, b, a face that a
+classifier C reads as b and a critic D takes for a photo. Reconstruction keeps what the attributes do
+not describe (identity, pose, background); C makes them change. z is left free (the paper's point
+against "disentangled" encoders). D and C share a trunk.
 
-Objective (WGAN-GP; a, b in {0, 1}^A; the paper's Eq. 14 and 15, weights of v1 train.py)
+Objective (WGAN-GP; a, b in {0, 1}^A; the paper's L_dis,cls and L_enc,dec, v1 train.py's weights)
     x̂_b = G_dec(G_enc(x), b')   x̂_a = G_dec(G_enc(x), a')   a' = (2a − 1)·thres_int (±0.5)
     L_D = D(x̂_b) − D(x) + λ_gp·(‖∇D(x̃)‖₂ − 1)² + λ_3·BCE(C(x), a),  x̃ = α·x + (1 − α)·x̂_b
     L_G = −D(x̂_b) + λ_2·BCE(C(x̂_b), b) + λ_1·‖x − x̂_a‖₁      λ_1 100, λ_2 10, λ_3 1, λ_gp 10
+Each term is a mean (over images; BCE also over attributes, ‖·‖₁ over pixels) as in v1 train.py;
+the paper sums over attributes and pixels, so the λ are on the code's scale, not the paper's.
 
 Notation -> code
     x, a, b         img_real (B, 3, H, W) in [-1, 1], attr_src, attr_tgt (B, A) in {0, 1}
-    a', b'          signed(attrs, thres_int): what G_dec sees
+    a', b'          signed(attrs, thres_int): what G_dec sees;  λ_1, λ_2, λ_3: lambda_rec, _cls_g, _cls_d
     G_enc, G_dec    Generator.encode, Generator.decode;  G(x, a') = decode(encode(x), a')
     D, C            Discriminator(x) -> (critic score (B,), attribute logits (B, A))
-    λ_1, λ_2, λ_3   lambda_rec, lambda_cls_g, lambda_cls_d
 
-Shapes (128 px; 5 layers, dim 64, max 1024, shortcut 1, inject 1, A = 13)
+Shapes (128 px; 5 layers, dim 64, max 1024, shortcut 1, inject 1 (v1's code: 0; its README: 1), A = 13)
     G_enc  x -> (B, 64, 64, 64) -> ... -> z (B, 1024, 4, 4)    conv 4x4 s2, BatchNorm, LeakyReLU
     G_dec  [z, b' tiled (B, 13, 4, 4)] -> (B, 1024, 8, 8) ++ enc (B, 512, 8, 8) ++ b' (B, 13, 8, 8)
            -> (B, 512, 16, 16) -> (B, 256, 32, 32) -> (B, 128, 64, 64) -> tanh (B, 3, 128, 128)
     D      x -> (B, 1024, 4, 4) (conv 4x4 s2, InstanceNorm, LeakyReLU) -> flatten (B, 16384)
            -> FC 1024, LeakyReLU -> FC 1 (critic);  FC 1024, LeakyReLU -> FC A (classifier)
 
-Schedule (v1 train.py): Adam 2e-4, betas (0.5, 0.999); one update per batch, n_d = 5 D updates
-then one G update; 200 epochs, lr × 0.1 from epoch 100. b = the batch's rows shuffled (no
-conflict rule in training). Test time (test.py): the edited attribute gets ±test_int (1.0), the
-others ±thres_int; the conflict rule (data.py check_attribute_conflict) switches off the rivals
-of an attribute turned on; c385855 removed its Mustache/No_Beard pair as wrong, and so do we.
+Schedule (v1 train.py): Adam 2e-4, betas (0.5, 0.999); n_d = 5 D updates, then one G update, each on
+its own batch; 200 epochs, lr × 0.1 from epoch 100; b = the batch's rows shuffled. Test (test.py): the
+edited attribute at ±test_int (1.0), the rest ±thres_int, the rivals of one turned on off (data.py
+check_attribute_conflict; v1 has no Mustache/No_Beard pair, c385855 removed it as "incorrect"; the
+port kept it). edit --slide: test_slide.py's strip (10 values in −1..1, the rest the image's own;
+here 9 in ±test_int, rivals off as in test.py).
 
 Deviations, and why
-* Split: the official partition (162,770 train) that common.py gives every method here, not v1's
-  images[:182000]; epochs count the images actually used. Crop: a centre 170 square (the port's
-  CenterCrop(170); v1 takes the box at x 3, y 26 — a 1-2 px shift). Resize: PIL, not bicubic TF.
-* Default --inject-layers 1 (v1's code default is 0; its README trains the published 128 px model
-  with --inject_layers 1). D's InstanceNorm has a scale and a shift (the port's; slim's: a shift).
-* D's step makes its fakes under no_grad and scores real and fake in one batch (InstanceNorm is per
-  image). G's step encodes x for each decode (v1 once; DDP syncs only through forward): the same z
-  and gradients, but BatchNorm's running statistics take the batch twice.
-* CUDA runs in bf16 autocast with TF32 and channels_last by default (v1 is fp32; --no-amp gives
-  fp32); the gradient penalty is always fp32. benchmarks/gpu_check.sh compares bf16 with fp32.
-* torchrun + DistributedDataParallel for several GPUs; --batch-size is the global batch. CPU + demo:
-  cpu-demo (PRESETS: small nets, shortcut 2, n_d 1, lr 3e-3, λ_cls_g 20, test_int 3; see README).
+* Data (common.py, for every method): the official split (162,770 train), not v1's images[:182000];
+  a full permutation per epoch, not v1's 4,096-image shuffle buffer: a batch is a function of its
+  step (exact resume, DDP shards). A centre 170 crop at every size (the port's CenterCrop(170); v1:
+  x 3, y 26, and 148 at x 15, y 40 for 64 px). Resize bicubic in both; PIL's antialiases, TF 1's not.
+* Init, norms: PyTorch's defaults, as the port's nn.py; v1's slim: Glorot-uniform weights, zero biases,
+  BatchNorm decay 0.999, eps 1e-3, InstanceNorm eps 1e-6 (here momentum 0.1, eps 1e-5). cpu-demo and
+  the README's numbers were tuned so; its 1,050 updates make 1,575 BatchNorm updates, after which
+  decay 0.999 would still weigh the initial statistics by 21 % in eval mode.
+* D scores real and fake in one batch (InstanceNorm is per image). G's step encodes x for each decode
+  (v1 once; DDP syncs only through forward): the same z, but BatchNorm's statistics see x twice.
+* CUDA: bf16 autocast, TF32, channels_last (v1 is fp32: --no-amp); the penalty is always fp32
+  (benchmarks/gpu_check.sh compares). torchrun + DDP for several GPUs; --batch-size is global.
+  CPU + demo set: cpu-demo (PRESETS: small nets, shortcut 2, n_d 1, lr 3e-3, λ_cls_g 20, test_int 3).
 
 Run (more in README.md)
     python attgan.py                                # demo set; a CPU picks the cpu-demo preset
     torchrun --nproc_per_node 4 attgan.py --data ./celeba    # the paper's configuration
-    python attgan.py edit --image me.jpg --set Eyeglasses=1 Blond_Hair=1.5
+    python attgan.py edit --image me.jpg --set Eyeglasses=1 Blond_Hair=1.5    # or --slide Male
 """
 from __future__ import annotations
 
@@ -190,9 +192,8 @@ class Generator(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """One conv trunk, two FC heads: the critic D (a Wasserstein score) and the classifier C.
-    Never BatchNorm here: the gradient penalty is a per-image quantity, and batch statistics
-    would make one image's score, and its gradient, depend on the rest of the batch."""
+    """One conv trunk, two FC heads: the critic D (a Wasserstein score) and the classifier C. Never
+    BatchNorm here: batch statistics would make one image's score and gradient depend on the others."""
 
     def __init__(self, num_attrs, img_size=128, n_layers=5, dim=64, max_dim=1024, fc_dim=1024):
         super().__init__()
@@ -237,8 +238,7 @@ def target_attributes(attr_src, generator):
     return attr_src[torch.randperm(len(attr_src), device=attr_src.device, generator=generator)]
 
 
-# The rivals an attribute switches off when it is turned on (v1 data.py check_attribute_conflict,
-# after c385855 removed the Mustache/No_Beard pair: in CelebA a mustache is not "no beard"'s rival).
+# The rivals an attribute turned on switches off (v1 data.py check_attribute_conflict: no Mustache/No_Beard).
 HAIR_COLOURS = ("Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair")
 RIVALS = {"Bald": ("Bangs",), "Receding_Hairline": ("Bangs",), "Bangs": ("Bald", "Receding_Hairline"),
           **{c: tuple(r for r in HAIR_COLOURS if r != c) for c in HAIR_COLOURS},
@@ -263,31 +263,30 @@ def edit_inputs(attr_src, attr_names, thres_int, test_int, changes):
 
 # Losses: one function per term of L_D and L_G ----------------------------------------------------
 def loss_adv_d(score_real, score_fake):
-    """L_adv_d = −(E[D(x)] − E[D(x̂_b)]), minus the Wasserstein estimate (Eq. 12)."""
+    """L_adv_d = −(E[D(x)] − E[D(x̂_b)]), minus the Wasserstein estimate."""
     return score_fake.float().mean() - score_real.float().mean()
 
 
 def loss_adv_g(score_fake):
-    """L_adv_g = −E[D(x̂_b)] (Eq. 13)."""
+    """L_adv_g = −E[D(x̂_b)]."""
     return -score_fake.float().mean()
 
 
 def loss_cls(attr_logits, attrs):
-    """BCE(C(·), attrs), the mean over images and attributes: L_cls_g on edits (Eq. 7-8),
-    L_cls_c on real images (Eq. 9-10)."""
+    """BCE(C(·), attrs), the mean over images and attributes (the paper: a sum over attributes):
+    L_cls_g on edits, L_cls_c on real images."""
     return F.binary_cross_entropy_with_logits(attr_logits.float(), attrs)
 
 
 def loss_rec(img_recon, img_real):
-    """L_rec = ‖x − x̂_a‖₁, as the mean absolute pixel difference (Eq. 11)."""
+    """L_rec = ‖x − x̂_a‖₁, as the mean absolute pixel difference (v1's; the paper's is a sum)."""
     return (img_recon.float() - img_real.float()).abs().mean()
 
 
 def gradient_penalty(critic, img_real, img_fake, alpha):
-    """WGAN-GP: E[(‖∇_x̃ D(x̃)‖₂ − 1)²] at x̃ = α·x + (1 − α)·x̂_b, α ~ U(0, 1) per image: on the line
-    from a real image to its edit. Its gradient reaches D through a double backward (create_graph),
-    so `critic` is the eager D. The norm stays fp32 under bf16: ‖g‖ sums 3·H·W squares, good to
-    ~0.4 % in bf16, and (‖g‖ − 1)² near its optimum would be mostly rounding noise."""
+    """WGAN-GP: E[(‖∇_x̃ D(x̃)‖₂ − 1)²] at x̃ = α·x + (1 − α)·x̂_b, α ~ U(0, 1) per image, on the line
+    from a real image to its edit; it reaches D by a double backward, so `critic` is the eager D. The
+    norm stays fp32: in bf16 (‖g‖ good to ~0.4 %), (‖g‖ − 1)² near its optimum would be mostly noise."""
     interp = (alpha * img_real + (1 - alpha) * img_fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(interp).float().sum(), interp, create_graph=True)
     with torch.autocast(interp.device.type, enabled=False):
@@ -332,9 +331,8 @@ def g_step(g, d, opt_g, img_real, attr_src, attr_tgt, args):
 
 
 def train_step(g, d, opt_g, opt_d, step, img_real, attr_src, args, rank=0):
-    """Update `step` (0-based) of v1's alternation: G on every (n_d + 1)-th, D otherwise. The
-    targets and α come from a generator seeded by (seed, step, rank), so a resumed run and every
-    DDP rank draw exactly what an uninterrupted run would."""
+    """Update `step` (0-based) of v1's alternation: G on every (n_d + 1)-th, D otherwise. b and α come
+    from (seed, step, rank): a resumed run and every DDP rank draw what an uninterrupted run would."""
     rng = torch.Generator(img_real.device).manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)
     attr_tgt = target_attributes(attr_src, rng)
     if (step + 1) % (args.n_d + 1) == 0:
@@ -347,10 +345,8 @@ def train_step(g, d, opt_g, opt_d, step, img_real, attr_src, args, rank=0):
 @torch.no_grad()
 def flip_grid(g, images, attr_src, attr_names, thres_int, test_int):
     """(R, 2 + A, 3, H, W), labels: per image its input, reconstruction, each attribute flipped."""
-    columns = [images, g(images, signed(attr_src, thres_int))]
-    for k in range(len(attr_names)):
-        columns.append(g(images, edit_inputs(attr_src, attr_names, thres_int, test_int,
-                                             {k: 1 - attr_src[:, k]})))
+    columns = [images, g(images, signed(attr_src, thres_int))] + [g(images, edit_inputs(
+        attr_src, attr_names, thres_int, test_int, {k: 1 - attr_src[:, k]})) for k in range(len(attr_names))]
     labels = ["input", "recon"] + [f"flip {name}" for name in attr_names]
     return torch.stack([c.float() for c in columns], 1), labels
 
@@ -375,19 +371,19 @@ def load(ckpt, device="cpu"):
 
 @dataclasses.dataclass
 class EditArgs:
-    """Edit your photo (--image) or a validation image (--index) with a trained AttGAN: D's classifier
-    head reads its attributes (printed), and the edits are relative to them."""
+    """Edit a photo (--image) or a validation image (--index) relative to the attributes D's C reads."""
     ckpt: str = "runs/attgan/ckpt.pt"  # checkpoint written by training
     image: str = None  # a photo (jpg/png), the face centred and filling most of the frame
     index: int = 0  # without --image: this image of the checkpoint's data set ('val' split)
     set: list = dataclasses.field(default_factory=list)  # Attr=v: G sees (2v − 1)·test_int (1 on, 0 off, 1.5 more)
+    slide: str = None  # Attr: a strip of Attr at 9 strengths, G seeing −test_int .. +test_int (v1 test_slide.py)
     test_int: float = 0.0  # the edited attributes' scale (0: the checkpoint's, 1 paper, 3 cpu-demo; training saw ±0.5)
     out: str = None  # output PNG (default: edit.png beside the checkpoint)
 
 
 @torch.no_grad()
 def edit(args):
-    """Print the attributes D reads, then write --set's edited face, or every attribute flipped."""
+    """Print the attributes D reads, then write --slide's strip, --set's edit or every flip."""
     if args.out and Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise InputError(f"--out {args.out}: expected a .png or .jpg file name")
     g, d, config, names = load(args.ckpt, pick_device("auto"))
@@ -398,6 +394,7 @@ def edit(args):
             raise InputError(f"--set {item!r}: expected Attr=value, e.g. Eyeglasses=1")
     changes = {names.index(common.resolve_attrs([item.partition("=")[0]], names)[0]):
                float(item.partition("=")[2]) for item in args.set}
+    slide = names.index(common.resolve_attrs([args.slide], names)[0]) if args.slide else None
     if args.image:
         image, labels, source = common.load_photo(args.image, size, crop), None, args.image
     else:
@@ -414,7 +411,13 @@ def edit(args):
         truth = f"   label {int(labels[k])}" if labels is not None else ""
         print(f"  {name:<22}{probs[0, k]:6.3f}  {'yes' if probs[0, k] > 0.5 else 'no '}{truth}")
     path = Path(args.out or Path(args.ckpt).parent / "edit.png")
-    if changes:  # the edited face alone, at the model's size
+    if slide is not None:  # test_slide.py's strip: the slid attribute from −test_int to +test_int
+        inputs = [edit_inputs(attr_src, names, thres_int, test_int, {**changes, slide: v})
+                  for v in torch.linspace(0, 1, 9).tolist()]  # label units: G sees (2v − 1)·test_int
+        heads = ["input"] + [f"{names[slide]} {a[0, slide].item():+g}" for a in inputs]  # what G sees
+        common.save_grid(torch.stack([image, *(g(image, a) for a in inputs)], 1).cpu(), path, col_labels=heads)
+        print("columns: " + ", ".join(heads))
+    elif changes:  # the edited face alone, at the model's size
         edited = g(image, edit_inputs(attr_src, names, thres_int, test_int, changes))
         torchvision.utils.save_image(edited[0].float().cpu() * 0.5 + 0.5, path)
     else:
@@ -426,8 +429,7 @@ def edit(args):
 
 # Training ----------------------------------------------------------------------------------------
 def configure(args, device, world_size=1):
-    """Presets, canonical --data and --attrs (the paper's 13; Gray_Hair for the demo's missing
-    Bushy_Eyebrows), checks -> args."""
+    """Presets, canonical --data and --attrs (the paper's 13; on the demo Gray_Hair for Bushy_Eyebrows)."""
     if args.preset not in ("auto", "paper", "cpu-demo"):
         raise InputError(f"--preset {args.preset!r}: expected auto, paper or cpu-demo")
     auto = "cpu-demo" if device.type == "cpu" and is_demo(args.data) else "paper"
@@ -520,8 +522,7 @@ def train(args):
 
 
 def log_progress(out, done, total, lr, totals, steps_per_s, args, g, d):
-    """Rank 0's interval means (as nanoGPT logs): stop if anything is not finite, else append a
-    metrics.jsonl line and print the progress line."""
+    """Rank 0's interval means: stop if anything is not finite, else log them to metrics.jsonl and stdout."""
     means = {k: torch.stack(v).float().mean().item() for k, v in sorted(totals.items())}
     record = {"step": done, "lr": lr, **means, "img_per_s": steps_per_s * args.batch_size}
     check_finite(done, record, g, d)
@@ -535,8 +536,7 @@ def report_rank_disagreement(g, d):
     """Print the largest difference of any parameter between two ranks: 0 when DDP synchronises."""
     high = torch.cat([p.detach().reshape(-1) for p in [*g.parameters(), *d.parameters()]])
     low = high.clone()
-    dist.all_reduce(high, op=dist.ReduceOp.MAX)
-    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX), dist.all_reduce(low, op=dist.ReduceOp.MIN)
     if dist.get_rank() == 0:
         print(f"DDP check: {dist.get_world_size()} ranks, largest parameter difference between ranks "
               f"{(high - low).abs().max().item()!r}")

@@ -1,7 +1,8 @@
 """Tests for attgan.py: shapes against the official layer sizes, each loss on a hand-computed
-case, where the gradient penalty is taken, the update alternation and the target shuffle, the
-test-time attribute rule, and the command line end to end (smoke run, exact resume, edit, the
-refusals of the shared plumbing, NaN guard, 2-process DDP that must agree exactly)."""
+case, where the gradient penalty is taken, the update alternation and the target shuffle, every
+input of every term of L_D and L_G (a recording G, a critic known in closed form), the test-time
+attribute rule, and the command line end to end (smoke run, exact resume, edit, the --slide strip,
+the refusals of the shared plumbing, NaN guard, 2-process DDP that must agree exactly)."""
 import json
 import math
 import os
@@ -178,6 +179,139 @@ def test_train_step_alternates_and_shuffles_the_targets():
     assert kinds == ["d", "d", "d", "g", "d", "d", "d", "g"]
 
 
+# Every input of every term of L_D and L_G, through train_step ------------------------------------
+# A recording G and a critic whose score, gradient and logits are known in closed form: each term
+# is recomputed here by hand from what G and D were actually given, and each gradient from that
+# hand-written loss. λ are all different, so a swapped weight shows.
+STEP_ARGS = dict(n_d=1, thres_int=0.5, lambda_rec=7.0, lambda_cls_g=3.0, lambda_cls_d=5.0, lambda_gp=11.0)
+
+
+class RecordingG(nn.Module):
+    """G(x, a') = m·x + a'·P (P maps the A inputs to an image): every attribute vector leaves its
+    own mark on the output; `seen` records every a' it is called with, in order."""
+
+    def __init__(self, num_attrs, shape):
+        super().__init__()
+        gen = torch.Generator().manual_seed(1)
+        self.m = nn.Parameter(torch.tensor(0.9))
+        self.P = nn.Parameter(torch.randn(num_attrs, math.prod(shape), generator=gen) * 0.3)
+        self.seen = []
+
+    def forward(self, x, attr_input):
+        self.seen.append(attr_input.detach().clone())
+        return self.m * x + (attr_input @ self.P).view_as(x)
+
+
+class KnownCritic(nn.Module):
+    """D(x) = w·x + ½·q·‖x‖² (so ∇D(x) = w + q·x, which depends on where it is taken) and
+    C(x) = x·V + c, per image; `seen` records every batch it scores."""
+
+    def __init__(self, num_attrs, pixels):
+        super().__init__()
+        gen = torch.Generator().manual_seed(2)
+        self.w = nn.Parameter(torch.randn(pixels, generator=gen) * 0.2)
+        self.q = nn.Parameter(torch.tensor(0.7))
+        self.V = nn.Parameter(torch.randn(pixels, num_attrs, generator=gen) * 0.2)
+        self.c = nn.Parameter(torch.randn(num_attrs, generator=gen))
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        flat = x.flatten(1)
+        return flat @ self.w + 0.5 * self.q * flat.pow(2).sum(1), flat @ self.V + self.c
+
+
+def bce(logits, targets):
+    """−[t·log σ(z) + (1 − t)·log(1 − σ(z))], the mean over every entry, by hand."""
+    return -(targets * torch.log(torch.sigmoid(logits)) + (1 - targets) * torch.log(1 - torch.sigmoid(logits))).mean()
+
+
+def step_case():
+    torch.manual_seed(3)
+    real = torch.rand(6, 3, 4, 4) * 2 - 1
+    attr_src = torch.tensor([[1.0, 0, 0, 1], [0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 1, 1, 0], [1, 1, 1, 0]])
+    g, d = RecordingG(4, (3, 4, 4)), KnownCritic(4, 48)
+    return real, attr_src, g, d
+
+
+def as_targets(attr_input, attr_src):
+    """b' -> b: checks it is ±thres_int and the batch's rows in another order."""
+    b = attr_input / (2 * STEP_ARGS["thres_int"]) + 0.5
+    assert set(b.unique().tolist()) <= {0.0, 1.0}
+    assert sorted(map(tuple, b.tolist())) == sorted(map(tuple, attr_src.tolist())) and not torch.equal(b, attr_src)
+    return b
+
+
+def params_moved(module, before, lr):
+    """SGD without momentum: θ_after = θ_before − lr·∇L  ->  ∇L of each parameter."""
+    return [(b - p.detach()) / lr for b, p in zip(before, module.parameters())]
+
+
+def test_d_step_terms_take_the_real_images_the_edits_and_one_alpha_per_image():
+    """L_D = D(x̂_b) − D(x) + λ_gp·(‖∇D(x̃)‖ − 1)² + λ_3·BCE(C(x), a), every input checked."""
+    real, attr_src, g, d = step_case()
+    lr, before = 0.5, [p.detach().clone() for p in d.parameters()]
+    opt_g, opt_d = torch.optim.SGD(g.parameters(), lr=lr), torch.optim.SGD(d.parameters(), lr=lr)
+    stats = attgan.train_step(g, d, opt_g, opt_d, 0, real, attr_src, smoke_args(**STEP_ARGS))
+    (b_input,) = g.seen  # D's step decodes once: the edits, from the targets b
+    b = as_targets(b_input, attr_src)
+    fake = 0.9 * real + (b_input @ g.P.detach()).view_as(real)  # x̂_b by hand
+    scored, interp = d.seen  # one batch of real ++ fake, then the penalty's x̃
+    assert torch.allclose(scored, torch.cat([real, fake]), atol=1e-6)
+    # x̃_i = α_i·x_i + (1 − α_i)·x̂_i: recover each α_i and check the point lies on that segment
+    span, offset = (real - fake).flatten(1), (interp - fake).flatten(1)
+    alpha = (offset * span).sum(1) / span.pow(2).sum(1)
+    assert torch.allclose(offset, alpha[:, None] * span, atol=1e-5)
+    assert ((alpha >= 0) & (alpha <= 1)).all() and len(set(alpha.round(decimals=4).tolist())) == 6
+
+    def l_d(w, q, V, c):  # the whole L_D by hand, as a function of D's parameters
+        score = lambda x: x.flatten(1) @ w + 0.5 * q * x.flatten(1).pow(2).sum(1)  # noqa: E731
+        adv = score(fake).mean() - score(real).mean()
+        gp = ((w + q * interp.flatten(1)).norm(dim=1) - 1).pow(2).mean()  # ∇D(x̃) = w + q·x̃
+        cls = bce(real.flatten(1) @ V + c, attr_src)
+        return adv + 11.0 * gp + 5.0 * cls, adv, gp, cls
+
+    params = [t.clone().requires_grad_(True) for t in before]
+    loss, adv, gp, cls = l_d(*params)
+    for key, value in [("d_loss", loss), ("d_adv", adv), ("gp", gp), ("d_cls", cls)]:
+        assert stats[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
+    expected = torch.autograd.grad(loss, params)
+    for name, got, want in zip(("w", "q", "V", "c"), params_moved(d, before, lr), expected):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), f"D's update of {name}"
+    assert stats["d_acc"].item() == pytest.approx(((real.flatten(1) @ before[2] + before[3] > 0).float()
+                                                   == attr_src).float().mean().item())
+
+
+def test_g_step_terms_take_the_edit_for_d_and_c_and_the_reconstruction_for_l1():
+    """L_G = −D(x̂_b) + λ_2·BCE(C(x̂_b), b) + λ_1·‖x − x̂_a‖₁: the edit decoded from b', the
+    reconstruction from a', C's loss against b, every input checked."""
+    real, attr_src, g, d = step_case()
+    lr, before = 0.5, [p.detach().clone() for p in g.parameters()]
+    opt_g, opt_d = torch.optim.SGD(g.parameters(), lr=lr), torch.optim.SGD(d.parameters(), lr=lr)
+    stats = attgan.train_step(g, d, opt_g, opt_d, 1, real, attr_src, smoke_args(**STEP_ARGS))
+    own = (attr_src * 2 - 1) * 0.5  # a' by hand
+    assert len(g.seen) == 2 and sum(torch.equal(seen, own) for seen in g.seen) == 1  # one decode of a'
+    b_input = next(seen for seen in g.seen if not torch.equal(seen, own))
+    b = as_targets(b_input, attr_src)
+    (scored,) = d.seen  # D and C see the edits, and nothing else
+
+    def l_g(m, P):  # the whole L_G by hand, as a function of G's parameters
+        fake, recon = m * real + (b_input @ P).view_as(real), m * real + (own @ P).view_as(real)
+        adv = -(fake.flatten(1) @ d.w + 0.5 * d.q * fake.flatten(1).pow(2).sum(1)).mean()
+        cls = bce(fake.flatten(1) @ d.V + d.c, b)
+        rec = (real - recon).abs().mean()
+        return adv + 3.0 * cls + 7.0 * rec, adv, cls, rec, fake
+
+    params = [t.clone().requires_grad_(True) for t in before]
+    loss, adv, cls, rec, fake = l_g(*params)
+    assert torch.allclose(scored, fake.detach(), atol=1e-6)
+    for key, value in [("g_loss", loss), ("g_adv", adv), ("g_cls", cls), ("g_rec", rec)]:
+        assert stats[key].item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), key
+    expected = torch.autograd.grad(loss, params)
+    for name, got, want in zip(("m", "P"), params_moved(g, before, lr), expected):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), f"G's update of {name}"
+
+
 # The test-time attribute rule (v1 test.py and data.py after c385855) ------------------------------
 NAMES = ["Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Mustache", "No_Beard", "Male"]
 
@@ -266,8 +400,8 @@ def listing(folder):
 @pytest.fixture(scope="module")
 def cli(smoke_run, tmp_path_factory, face_attr_cache):
     """This file's command lines, in order, in ONE fresh interpreter (conftest.commands): --help
-    of the script and of edit, a second run into the smoke run's folder, an edit of a photo, and
-    an edit refused for its --out."""
+    of the script and of edit, a second run into the smoke run's folder, an edit of a photo, an
+    edit refused for its --out, a --slide strip and a --slide refused for its attribute."""
     out, _ = smoke_run
     folder = tmp_path_factory.mktemp("attgan_cli")
     photo = folder / "me.png"
@@ -276,7 +410,10 @@ def cli(smoke_run, tmp_path_factory, face_attr_cache):
              "second_run": ["--smoke", "--out", out],
              "edit": ["edit", "--ckpt", out / "ckpt.pt", "--image", photo, "--set", "Eyeglasses=1",
                       "--set", "blond_hair=0.5", "--out", folder / "me_edited.png"],
-             "edit_txt": ["edit", "--ckpt", out / "ckpt.pt", "--out", folder / "edit.txt"]}
+             "edit_txt": ["edit", "--ckpt", out / "ckpt.pt", "--out", folder / "edit.txt"],
+             "slide": ["edit", "--ckpt", out / "ckpt.pt", "--index", "1", "--slide", "blond_hair", "--test-int", "2",
+                       "--out", folder / "slide.png"],
+             "slide_unknown": ["edit", "--ckpt", out / "ckpt.pt", "--slide", "Bushy_Eyebrows"]}
     result = Commands()
     result.folder, result.listing_before = folder, listing(out)
     env = dict(os.environ, FACE_ATTR_CACHE=str(face_attr_cache), OMP_NUM_THREADS="1")
@@ -421,6 +558,52 @@ def test_edit_flips_a_validation_image_and_refuses_bad_settings(smoke_run, tmp_p
         attgan.main(["edit", "--ckpt", str(out / "ckpt.pt"), "--set", "Eyeglass=1"])
     with pytest.raises(InputError, match="Attr=value"):
         attgan.main(["edit", "--ckpt", str(out / "ckpt.pt"), "--set", "Male"])
+
+
+SLIDE_VALUES = [(2 * i / 8 - 1) * 2.0 for i in range(9)]  # −test_int .. +test_int in 9 steps, test_int 2
+SLIDE_HEADS = ["input"] + [f"Blond_Hair {v:+g}" for v in SLIDE_VALUES]
+
+
+def test_slide_writes_a_strip_labelled_with_what_g_sees(cli):
+    """`edit --slide blond_hair --test-int 2`: one row, the input then 9 columns, each labelled with
+    the value G is given for Blond_Hair (−2 .. +2), as v1 test_slide.py's strip."""
+    proc = cli["slide"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"columns: {', '.join(SLIDE_HEADS)}" in proc.stdout.splitlines()
+    reference = cli.folder / "reference.png"  # what common.save_grid draws for 1 x 10 pictures of 32 px
+    attgan.common.save_grid(torch.zeros(1, 10, 3, 32, 32), reference, col_labels=SLIDE_HEADS)
+    with Image.open(cli.folder / "slide.png") as strip, Image.open(reference) as drawn:
+        assert strip.size == drawn.size
+    proc = cli["slide_unknown"]  # an attribute the checkpoint was not trained on: one line
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith(
+        "error: unknown attribute 'Bushy_Eyebrows'; valid names: Bald, Bangs")
+
+
+@torch.no_grad()
+def test_slide_columns_are_g_at_the_labelled_values(smoke_run, tmp_path, monkeypatch):
+    """Each column of the strip is G's output for the input built by hand: the image's own
+    attributes (as C reads them) at ±thres_int, Blond_Hair at the column's value and, where that
+    value turns it on, the other hair colours at −thres_int (v1 test.py's conflict rule)."""
+    out, _ = smoke_run
+    g, d, config, names = attgan.load(out / "ckpt.pt")
+    val = attgan.common.load_celeba(config["data"], names, "val", 32, config["crop"], verbose=False)
+    blond, rivals = names.index("Blond_Hair"), [names.index(n) for n in ("Black_Hair", "Brown_Hair", "Gray_Hair")]
+    own = ((torch.sigmoid(d(attgan.common.to_float(val.images))[1]) > 0.5).float() * 2 - 1) * 0.5  # a
+    index = next(i for i in range(len(own)) if own[i, rivals].max() > 0)  # a face with a rival to switch off
+    image, own = attgan.common.to_float(val.images[index:index + 1]), own[index:index + 1]
+    drawn = {}
+    monkeypatch.setattr(attgan.common, "save_grid", lambda images, path, col_labels: drawn.update(
+        images=images, labels=col_labels))
+    attgan.main(["edit", "--ckpt", str(out / "ckpt.pt"), "--index", str(index), "--slide", "Blond_Hair",
+                 "--test-int", "2", "--out", str(tmp_path / "slide.png")])
+    assert drawn["labels"] == SLIDE_HEADS and drawn["images"].shape == (1, 10, 3, 32, 32)
+    assert torch.equal(drawn["images"][0, 0], image[0])
+    for column, value in zip(drawn["images"][0, 1:], SLIDE_VALUES):
+        seen = own.clone()
+        seen[0, blond] = value
+        seen[0, rivals] = -0.5 if value > 0 else seen[0, rivals]
+        assert torch.allclose(column, g(image, seen)[0], atol=1e-6), value
+    assert all(not torch.equal(a, b) for a, b in zip(drawn["images"][0, 1:], drawn["images"][0, 2:]))
 
 
 def free_port():
