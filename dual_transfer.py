@@ -30,11 +30,11 @@ Shapes (model.py: 128 px from the full frame, no crop, as main.py; 5 layers, dim
 Deviations, and why
 * Stage 2 keeps C in eval mode (main.py leaves it in train mode: its BatchNorm then uses the drawn
   faces' statistics). C outputs logits with BCE-with-logits (the original: sigmoid + BCELoss).
-* Pairs: two photos of one person whose target attributes differ (each teaches a change), both stages.
-  data/select_data.json (0202992, by preprocess.py) holds every ordered pair of persons 1-99 whatever
-  their attributes; its annotation.json and the notebook's select_data_1_downsample.json are
-  unpublished. Stage 1 weights present labels by neg/pos among the pairs' photos, clamped to [1, 50]
-  (ours, for rare attributes; with one attribute the pairs are balanced and the weight is 1).
+* Pairs: two photos of one person whose target attributes differ, in both stages, all people, as
+  preprocess.py 4532938 (persons 1-999, first attribute; as stored, an indentation error stops it).
+  The one pair file published, data/select_data.json (0202992: every ordered pair of persons 1-99),
+  indexes an unpublished annotation.json. Stage 1 weights present labels by neg/pos among the pairs'
+  photos, clamped to [1, 50] (ours, for rare attributes; one attribute's pairs are balanced: 1).
 * Split: CelebA's own, so validation pairs are other people. main.py shuffles the pairs, 80 % for
   training and 20 % for validation: the same people in both (Train_Classifier.py: first 400,000).
 * eval.json's PSNR: peak 1, the range, as benchmarks/ (main.py's psnr takes the drawn face's maximum,
