@@ -89,7 +89,7 @@ class Args:
     lr: float = 1e-5  # Adam learning rate of E and Dec (main.py 4532938, opts.py: 1e-5)
     weight_decay: float = 1e-3  # Adam weight decay of both stages (opts.py: 1e-3)
     batch_size: int = 128  # pairs per step, both stages (opts.py c3c68d69, 84e46c8: 128; Visualization.ipynb: 64)
-    steps: int = 94000  # stage-2 steps: 100 passes of 128 over CelebA's 120,143 Eyeglasses pairs (opts.py: 100 epochs)
+    steps: int = 94000  # stage-2 steps (opts.py: 100 epochs; ≈ 100 passes of 128 over CelebA's 120,143 glasses pairs)
     cls_steps: int = 94000  # stage-1 steps, as many (Train_Classifier.py: 100 epochs of the same pairs)
     cls_lr: float = 1e-5  # Adam learning rate of stage 1 (Train_Classifier.py: opts.py's 1e-5)
     data: str = "demo"  # a CelebA folder with identity_CelebA.txt (any layout common.py reads), 'demo' or 'demo:N'
