@@ -1,14 +1,13 @@
-"""Dual Training for face attribute transfer: an encoder, a decoder with U-Net shortcuts and a
-frozen attribute classifier, trained on pairs of photos of the same person.
+"""Dual Training for face attribute transfer: E encodes a face; Dec redraws it from E's features and
+attributes a; C, trained first and left out of stage 2's optimiser (main.py 4532938), tells whether a
+drawn face carries a. Two photos x1, x2 of one person should give one code, and Dec(E(x2), a1) should
+show x1's attributes. Images: [0, 1].
 
 Reimplements LaughingGo/change_face ("Change photograph of a person with attributes like wearing
 glasses or not", README.md), read at: main.py 4532938 and c3c68d69, model.py c3c68d69 and 84e46c8,
 model_loss.py, opts.py and main_without_classify.py 84e46c8, Train_Classifier.py 416dbc8, celebA.py
-4532938. It ran: Visualization.ipynb loads a trained checkpoint; its first main.py (0202992): 64 px.
-
-Idea: E encodes a face; Dec redraws it from E's features and attributes a; C, trained first and left
-out of stage 2's optimiser (main.py 4532938), tells whether a drawn face carries a. Two photos x1, x2
-of one person should give one code, and Dec(E(x2), a1) should show x1's attributes. Images: [0, 1].
+4532938. It ran: Visualization.ipynb loads a trained checkpoint (epoch 31). The first main.py
+(0202992: 64 px, another model) cannot run: it calls names it never defines (img1, preson_pre).
 
 Objective (main.py; alpha, beta from opts.py; each term from model_loss.py)
     z = E(x) = [f1, ..., fn]    every encoder layer's output; fn is the bottleneck code
@@ -17,10 +16,10 @@ Objective (main.py; alpha, beta from opts.py; each term from model_loss.py)
     L_cls   = BCE(C(Dec(z2, a1)), a1) + BCE(C(Dec(z1, a2)), a2)       classify_loss, transfers
     L_cross = MSE+L1(Dec(z2, a1), x1) + MSE+L1(Dec(z1, a2), x2)       main_without_classify.py
     L = λ_lat·L_lat + λ_self·L_self + λ_cls·L_cls + λ_cross·L_cross    (main.py: 1, 1, β, 0)
-Stage 1 (Train_Classifier.py): C alone, BCE(C(x), a); main.py 4532938, as here, loads it to judge the
-transfers (c3c68d69 trained C with E and Dec, L_cls on the self-reconstructions).
-Notation -> code: x1, x2, a1, a2 = img_1, img_2, attr_1, attr_2; z1 = feats_1; Dec(z2, a1) =
-img_21; E, Dec, C = Encoder, Decoder, Classifier.
+Stage 1 (Train_Classifier.py): C alone on both photos of each pair, BCE(C(x1), a1) + BCE(C(x2), a2);
+main.py 4532938 loads it, as here (c3c68d69 trained C with E and Dec, L_cls on the self-reconstructions).
+Length: opts.py's 100 epochs per stage, as steps (--steps; preprocess.py lists each pair both ways).
+Code: x1, x2, a1, a2, z1, Dec(z2, a1) = img_1, img_2, attr_1, attr_2, feats_1, img_21.
 
 Shapes (model.py: 128 px from the full frame, no crop, as main.py; 5 layers, dim 64; A attributes)
     E:   x (B, 3, 128, 128) -> f1 (B, 64, 64, 64) -> ... -> f5 (B, 1024, 4, 4)  conv4x4 s2, BN, ReLU
@@ -29,15 +28,19 @@ Shapes (model.py: 128 px from the full frame, no crop, as main.py; 5 layers, dim
     C:   five conv4x4 s2 + BN + ReLU (64 ... 1024) -> FC 16384 -> 1024 -> FC -> A   (27.9 M)
 
 Deviations, and why
-* classifier.pt is reused only when its key (settings, a digest of the pixels) matches (our bug, fixed).
 * Stage 2 keeps C in eval mode (main.py leaves it in train mode: its BatchNorm then uses the drawn
   faces' statistics). C outputs logits with BCE-with-logits (the original: sigmoid + BCELoss).
-* Stage 1 weights present labels by neg/pos (Eyeglasses: 6.5 % of CelebA). Pairs: two photos of one
-  person whose target attributes differ (preprocess.py: all ordered pairs; its pair file is unpublished).
+* Pairs: two photos of one person whose target attributes differ, in both stages, all people, as
+  preprocess.py 4532938 (persons 1-999, first attribute; as stored, an indentation error stops it).
+  The one pair file published, data/select_data.json (0202992: every ordered pair of persons 1-99),
+  indexes an unpublished annotation.json. Stage 1 weights present labels by neg/pos among the pairs'
+  photos, clamped to [1, 50] (ours, for rare attributes; one attribute's pairs are balanced: 1).
+* Split: CelebA's own, so validation pairs are other people. main.py shuffles the pairs, 80 % for
+  training and 20 % for validation: the same people in both (Train_Classifier.py: first 400,000).
+* eval.json's PSNR: peak 1, the range, as benchmarks/ (main.py's psnr takes the drawn face's maximum,
+  20·log10(max) - 10·log10(MSE), and logs the sum of the x1 and x2 values).
 * RGB (celebA.py reads BGR with cv2: a channel order, no effect on learning).
 * cpu-demo preset (CPU + demo data): smaller networks and Adam 5e-4 (the original's 1e-5 needs days).
-* Pitfall kept from the original: with shortcuts, L_lat can reach 0 by making fn constant while
-  the shortcuts carry the face; the attributes enter at fn's level only.
 
     python dual_transfer.py                                 # demo set, both stages (minutes, CPU)
     python dual_transfer.py --data ./celeba --out runs/dual # the original's settings
@@ -85,9 +88,9 @@ class Args:
     lambda_cross: float = 0.0  # weight of L_cross, Dec(E(x2), a1) vs x1 (main_without_classify.py: 1; main.py: 0)
     lr: float = 1e-5  # Adam learning rate of E and Dec (main.py 4532938, opts.py: 1e-5)
     weight_decay: float = 1e-3  # Adam weight decay of both stages (opts.py: 1e-3)
-    batch_size: int = 64  # pairs per stage-2 step, images per stage-1 step (Visualization.ipynb: 64)
-    steps: int = 100000  # stage-2 training steps
-    cls_steps: int = 5000  # stage-1 steps (the classifier)
+    batch_size: int = 128  # pairs per step, both stages (opts.py c3c68d69, 84e46c8: 128; Visualization.ipynb: 64)
+    steps: int = 94000  # stage-2 steps (opts.py: 100 epochs; ≈ 100 passes of 128 over CelebA's 120,143 glasses pairs)
+    cls_steps: int = 94000  # stage-1 steps, as many (Train_Classifier.py: 100 epochs of the same pairs)
     cls_lr: float = 1e-5  # Adam learning rate of stage 1 (Train_Classifier.py: opts.py's 1e-5)
     data: str = "demo"  # a CelebA folder with identity_CelebA.txt (any layout common.py reads), 'demo' or 'demo:N'
     out: str = "runs/dual_transfer"  # run folder: classifier.pt, ckpt.pt, metrics.jsonl, eval.json, samples/
@@ -157,7 +160,8 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """Dec: (E's features, a (B, A) 0/1) -> image (B, 3, H, W) in [0, 1]. a is tiled over the
-    bottleneck; after block i < shortcut_layers, E's feature map of the same size is ADDED."""
+    bottleneck; after block i < shortcut_layers, E's feature map of the same size is ADDED. A pitfall
+    of the original, kept: L_lat can reach 0 with a constant fn while the shortcuts carry the face."""
 
     def __init__(self, num_attrs, n_layers=5, dim=64, shortcut_layers=1):
         super().__init__()
@@ -232,15 +236,16 @@ def psnr(img_a, img_b):
 
 
 # ======== Training steps ========
-def classifier_step(classifier, optimizer, images, attrs, pos_weight, amp_ctx):
-    """Stage 1 (Train_Classifier.py): one update of C on a batch of images -> dict of floats."""
+def classifier_step(classifier, optimizer, img_1, img_2, attr_1, attr_2, pos_weight, amp_ctx):
+    """Stage 1 (Train_Classifier.py): one update of C on both photos of a batch of pairs -> floats."""
     with amp_ctx():
-        logits = classifier(images)
-        loss = loss_cls(logits, attrs, pos_weight)
+        logits_1, logits_2 = classifier(img_1), classifier(img_2)  # two passes (BatchNorm), as there
+        loss = loss_cls(logits_1, attr_1, pos_weight) + loss_cls(logits_2, attr_2, pos_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return {"c_loss": loss.item(), "c_acc": ((logits > 0).float() == attrs).float().mean().item()}
+    hits = torch.cat([(logits_1 > 0).float() == attr_1, (logits_2 > 0).float() == attr_2])
+    return {"c_loss": loss.item(), "c_acc": hits.float().mean().item()}
 
 
 def dual_step(models, optimizer, img_1, img_2, attr_1, attr_2, args, amp_ctx):
@@ -318,19 +323,17 @@ def evaluate_pairs(models, data, pairs, split, device):
 
 # ======== Stage 1: the classifier (Train_Classifier.py), reused only when it matches ========
 def classifier_key(args, data):
-    """What C depends on: the CLASSIFIER_KEY settings and a digest of the training pixels and labels."""
-    digest = hashlib.sha1(data.images.cpu().numpy().tobytes())
-    digest.update(data.labels.cpu().numpy().tobytes())
+    """What C depends on: the CLASSIFIER_KEY settings and a digest of the training pixels, labels and identities."""
+    digest = hashlib.sha1(b"".join(t.cpu().numpy().tobytes() for t in (data.images, data.labels, data.identities)))
     return {**{name: getattr(args, name) for name in CLASSIFIER_KEY}, "data_digest": digest.hexdigest()}
 
 
-def get_classifier(args, data, val, device):
+def get_classifier(args, data, val, pairs, device):
     """Stage 1 -> C's weights: --classifier or <out>/classifier.pt if its key is this run's, else C trained
-    now on the training images (present labels weighted by neg/pos per attribute) and saved with its key."""
+    now on both photos of the training pairs and saved with its key."""
     path, key = Path(args.classifier or Path(args.out) / "classifier.pt"), classifier_key(args, data)
     if path.is_file():
-        state = load_checkpoint(path)
-        saved = state.get("key", {})
+        saved = (state := load_checkpoint(path)).get("key", {})
         differ = [k for k in key if saved.get(k) != key[k]]
         if not differ:
             print(f"classifier: {path} (validation accuracy {state['val_accuracy']})")
@@ -344,16 +347,14 @@ def get_classifier(args, data, val, device):
     torch.manual_seed(args.seed)
     classifier = build_models(dataclasses.asdict(args), len(data.attr_names))[2].to(device)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=args.cls_lr, weight_decay=args.weight_decay)
-    positives = data.labels.sum(0).clamp_min(1)
-    pos_weight = ((len(data.labels) - positives) / positives).clamp(1.0, 50.0).to(device)
-    amp_ctx, batch = (lambda: autocast(device, args.amp)), min(args.batch_size, len(data.images))
+    seen, amp_ctx = data.labels[pairs.flatten()], lambda: autocast(device, args.amp)  # labels C is shown
+    pos_weight = (len(seen) / seen.sum(0).clamp_min(1) - 1).clamp(1.0, 50.0).to(device)  # neg/pos, in [1, 50]
     for step in range(args.cls_steps):
-        images, attrs, _ = common.get_batch(data, step, batch, args.seed + 1, device)
-        stats = classifier_step(classifier, optimizer, to_unit(images), attrs, pos_weight, amp_ctx)
+        chosen = pairs[common.batch_indices(len(pairs), step, args.batch_size, args.seed + 1)]
+        stats = classifier_step(classifier, optimizer, *pair_tensors(data, chosen, device), pos_weight, amp_ctx)
         if (step + 1) % max(args.cls_steps // 5, 1) == 0:
             check_finite(step + 1, stats, classifier)
-            print(f"stage 1: classifier step {step + 1}/{args.cls_steps}  loss {stats['c_loss']:.3f}  "
-                  f"batch acc {stats['c_acc']:.3f}")
+            print(f"stage 1: step {step + 1}/{args.cls_steps}  loss {stats['c_loss']:.3f}  acc {stats['c_acc']:.3f}")
     with torch.no_grad():
         logits = torch.cat([classifier.eval()(to_unit(common.to_float(x.to(device)))).cpu()
                             for x in val.images.split(256)] + [torch.empty(0, len(args.attrs))])
@@ -372,8 +373,7 @@ def load(ckpt, device="cpu"):
         raise InputError(f"{ckpt}: expected a stage-2 ckpt.pt of {SCRIPT}, found its stage-1 classifier")
     models = build_models(state["config"], len(state["attr_names"]))
     for model, name in zip(models, ("encoder", "decoder", "classifier")):
-        model.load_state_dict(state[name])
-        model.to(device).eval()
+        model.load_state_dict(state[name]), model.to(device).eval()
     return state["config"], state["attr_names"], models
 
 
@@ -463,7 +463,7 @@ def train(args):
     names, amp_ctx = data.attr_names, lambda: autocast(device, args.amp)
     # ALGO LOGIC: C from stage 1, frozen (eval mode, no gradients for its weights; its input still
     # passes gradients to Dec); E and Dec trained by Adam (main.py 4532938: torch's betas).
-    classifier_state = state["classifier"] if state else get_classifier(args, data, val, device)
+    classifier_state = state["classifier"] if state else get_classifier(args, data, val, pairs, device)
     torch.manual_seed(args.seed)
     encoder, decoder, classifier = build_models(dataclasses.asdict(args), len(names))
     classifier.load_state_dict(classifier_state)

@@ -1,8 +1,9 @@
 """Tests for dual_transfer.py: the original's networks (shapes, U-Net shortcuts, the classifier's
-parameter count by hand), its preprocessing, each loss on known values, one stage-2 step against
-a reference computation, the eval.json numbers by hand, the classifier-reuse key (the bug), the
-command line (help, argument checks, foreign checkpoints, both stages, edit), exact resume, and
-the evaluation adapter."""
+parameter count by hand), its preprocessing, each loss on known values, one step of each stage
+against a reference computation, stage 1's pairs and label weights, the eval.json numbers by hand,
+the classifier-reuse key (the bug), the command line (help, argument checks, foreign checkpoints,
+both stages, edit), exact resume, and the evaluation adapter."""
+import copy
 import json
 import os
 import shutil
@@ -93,7 +94,7 @@ def test_defaults_are_the_originals_and_images_are_the_full_frame_in_0_1():
     assert (args.img_size, args.crop, args.n_layers, args.dim, args.shortcut_layers) == \
         (128, 0, 5, 64, 1)
     assert (args.lambda_lat, args.lambda_self, args.lambda_cls, args.lambda_cross, args.lr,
-            args.weight_decay) == (1.0, 1.0, 0.1, 0.0, 1e-5, 1e-3)
+            args.weight_decay, args.batch_size) == (1.0, 1.0, 0.1, 0.0, 1e-5, 1e-3, 128)  # opts.py 84e46c8
     data, _, pairs, _ = dt.prepare(smoke_args())  # 32 px, crop 0
     with Image.open(data.root / "img_align_celeba" / data.files[0]) as photo:
         assert photo.size == (178, 218)
@@ -169,6 +170,71 @@ def test_classification_error_reaches_the_decoder_through_the_frozen_classifier(
                  args, lambda: dt.autocast(torch.device("cpu"), False))
     assert sum(p.grad.abs().sum() for p in decoder.parameters()) > 0
     assert all(p.grad is None for p in classifier.parameters())
+
+
+def test_classifier_step_sums_the_two_photos_losses_in_two_passes():
+    """Stage 1 (Train_Classifier.py): C sees x1 and x2 in two train-mode passes (BatchNorm statistics of
+    each photo batch) and descends BCE(C(x1), a1) + BCE(C(x2), a2), present labels weighted."""
+    torch.manual_seed(0)
+    classifier = dt.build_models(vars(smoke_args()), 2)[2]
+    reference = copy.deepcopy(classifier)
+    torch.manual_seed(1)
+    img_1, img_2 = torch.rand(4, 3, 32, 32) * 0.5, 0.5 + torch.rand(4, 3, 32, 32) * 0.5  # apart
+    attr_1 = torch.tensor([[0., 1.], [1., 1.], [0., 0.], [1., 0.]])
+    attr_2 = torch.tensor([[1., 1.], [0., 1.], [1., 0.], [0., 0.]])
+    pos_weight = torch.tensor([3.0, 1.5])
+
+    def bce(logits, labels):  # written out: -(w·a·log σ(l) + (1 - a)·log(1 - σ(l))), mean
+        prob = torch.sigmoid(logits)
+        return -(pos_weight * labels * torch.log(prob) + (1 - labels) * torch.log(1 - prob)).mean()
+    logits_1, logits_2 = reference(img_1), reference(img_2)
+    loss = bce(logits_1, attr_1) + bce(logits_2, attr_2)
+    loss.backward()
+    hits = torch.cat([(logits_1 > 0).float() == attr_1, (logits_2 > 0).float() == attr_2]).float().mean()
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.1)
+    stats = dt.classifier_step(classifier, optimizer, img_1, img_2, attr_1, attr_2, pos_weight,
+                               lambda: dt.autocast(torch.device("cpu"), False))
+    assert stats["c_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert stats["c_acc"] == pytest.approx(hits.item())
+    for after, before in zip(classifier.parameters(), reference.parameters()):
+        assert torch.allclose(after, before - 0.1 * before.grad, atol=1e-6)
+
+
+def test_stage_1_trains_on_both_photos_of_the_training_pairs(tmp_path, monkeypatch):
+    """Train_Classifier.py feeds C both photos of each pair of the pair file: stage 1 draws stage 2's
+    pairs (one person, target attributes differ), not single images, and weighs present labels by
+    neg/pos among those photos, clamped to [1, 50]."""
+    args = smoke_args(attrs=["Mustache", "No_Beard"], out=str(tmp_path), cls_steps=3)
+    data, val, pairs, _ = dt.prepare(args)
+    drawn = []
+
+    def recording_step(classifier, optimizer, img_1, img_2, attr_1, attr_2, pos_weight, amp_ctx):
+        drawn.append((img_1, img_2, attr_1, attr_2, pos_weight))
+        return {"c_loss": 0.0, "c_acc": 0.0}
+    monkeypatch.setattr(dt, "classifier_step", recording_step)
+    dt.get_classifier(args, data, val, pairs, torch.device("cpu"))
+    assert len(drawn) == 3
+    pixels = data.images.flatten(1).float() / 255
+
+    def row_of(images):  # each drawn photo's index in the training split, found by its pixels
+        match = (images.flatten(1)[:, None] - pixels[None]).abs().amax(-1) < 1e-5
+        assert (match.sum(1) == 1).all()
+        return match.float().argmax(1)
+    listed, labels = {tuple(pair) for pair in pairs.tolist()}, data.labels
+    for img_1, img_2, attr_1, attr_2, _ in drawn:
+        first, second = row_of(img_1), row_of(img_2)
+        assert len(first) == args.batch_size
+        assert torch.equal(data.identities[first], data.identities[second]) and (first != second).all()
+        assert torch.equal(attr_1, labels[first]) and torch.equal(attr_2, labels[second])
+        assert (attr_1 != attr_2).any(1).all()
+        assert all(pair in listed for pair in zip(first.tolist(), second.tolist()))
+    photos = labels[pairs.flatten()]
+    ratio = (photos == 0).sum(0) / (photos == 1).sum(0)  # Mustache 1.60, No_Beard 0.77 on demo:16
+    assert ratio[1] < 1 < ratio[0]
+    expected = ratio.clamp(1.0, 50.0)
+    everyone = ((labels == 0).sum(0) / (labels == 1).sum(0)).clamp(1.0, 50.0)  # all photos: not this
+    assert not torch.allclose(expected, everyone)
+    assert torch.allclose(drawn[0][4], expected)
 
 
 def test_the_train_score_pairs_are_drawn_from_every_identity():
