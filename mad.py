@@ -246,8 +246,7 @@ class LatentDiscriminator(nn.Module):
     def __init__(self, code_dim=99, hidden=1000):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(code_dim, hidden), nn.Dropout(0.2), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.Dropout(0.2), nn.ReLU(),
-                                 nn.Linear(hidden, 1))
+                                 nn.Linear(hidden, hidden), nn.Dropout(0.2), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, z):
         return self.net(z).squeeze(1)  # (B,)
@@ -332,9 +331,7 @@ def build_factors(data, args, demo, say=print):
     person, then the STYLE_ATTRS key (mine_triplets' by_person)."""
     expr_cols = [k for k, a in enumerate(data.attr_names) if a in EXPRESSION_ATTRS]
     style_cols = [k for k, a in enumerate(data.attr_names) if a not in EXPRESSION_ATTRS]
-    factors = {"pose": None, "identity": None,
-               "expression": data.labels[:, expr_cols] if expr_cols else None,
-               "style": data.labels[:, style_cols].long() if style_cols else None}
+    factors = {"pose": None, "identity": None, "expression": data.labels[:, expr_cols] if expr_cols else None}
     if demo:  # the true render parameters
         params = common.load_demo_params(data.root)
         rows = [params[name] for name in data.files]
@@ -349,8 +346,8 @@ def build_factors(data, args, demo, say=print):
         if factors[name] is None:
             say(f"warning: {args.data} has no {source} file: the {name} loss is off"
                 + " (so is style's: it mines within a person)" * (name == "identity"))
-    person, style = factors["identity"], factors["style"]  # style: the person first (mine_triplets)
-    factors["style"] = None if person is None or style is None else torch.cat([person.long(), style], 1)
+    person, looks = factors["identity"], data.labels[:, style_cols].cpu()  # style: the person, then the key
+    factors["style"] = torch.cat([person, looks], 1).long() if person is not None and style_cols else None
     if factors["pose"] is not None:
         factors["pose"] = torch.deg2rad(factors["pose"])
     return {k: None if v is None else v.to(data.images.device) for k, v in factors.items()}
@@ -365,20 +362,15 @@ def factor_of_step(step, available):
 
 
 def mine_triplets(codes, keys, generator, by_person=False):
-    """(positive, negative) index per anchor, each (B,), mined as utils/nn.py make_triplets does.
-    A label is a row of `keys`. Identity, expression: the positive is a random other image with the
-    anchor's label (itself when there is none), the negative one of the 5 nearest in f with another
-    label (HARD_TRIPLETS_FOR_IDENTITY; the farthest of them when fewer). Style (`by_person`: column
-    0 is the person, the rest the style key; a person with one key plays a VoxCeleb clip): the
-    negative is one of the 5 nearest of the SAME person with another key (make_triplets' [ids, vids]
-    branch), so identity cannot tell anchor from negative; the positive shares the key but, where
-    the batch allows, not the person (the original: a frame of the same clip), so identity in
-    f_style costs. Tiers order the candidates; a lower non-empty tier always wins."""
+    """(positive, negative) index per anchor, each (B,) (utils/nn.py make_triplets); a label is a row
+    of `keys`. The positive: a random image of the best non-empty tier of same-label images, else
+    itself; the negative: one of the 5 nearest in f (the farthest of them when fewer) of the best tier
+    with another label (HARD_TRIPLETS_FOR_IDENTITY). Style (by_person: column 0 is the person, see the
+    header): positives of another person first, negatives of the same person first."""
     keys = keys.reshape(len(keys), -1)
-    person = keys[:, :1] if by_person else torch.zeros_like(keys[:, :1])
-    keys = keys[:, 1:] if by_person else keys
+    person, keys = (keys[:, 0], keys[:, 1:]) if by_person else (keys.new_zeros(len(keys)), keys)
     other = (keys[:, None, :] != keys[None, :, :]).any(-1).long()  # (B, B)
-    same_person = (person[:, None, 0] == person[None, :, 0]).long()
+    same_person = (person[:, None] == person[None, :]).long()
     itself = torch.eye(len(keys), dtype=torch.bool, device=keys.device)
     pos_tier = (3 * other + same_person * by_person).masked_fill(itself, 2)  # 0 key & other person
     neg_tier = (3 * (1 - other) + (1 - same_person)).masked_fill(itself, 9)  # 0 other key, same person
@@ -544,9 +536,8 @@ def make_batch(data, factors, pairs, step, args, device):
     idx = common.batch_indices(len(data.images), step, args.batch_size, args.seed)
     if pairs is not None:
         idx = pairs[common.batch_indices(len(pairs), step, args.batch_size // 2, args.seed)].T.flatten()
-    images = common.to_float(data.images[idx.to(data.images.device)].to(device))
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = common.to_float(data.images[idx.to(data.images.device)].to(device)).contiguous(
+        memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     return images, {k: None if v is None else v[idx.to(v.device)].to(device) for k, v in factors.items()}
 
 
@@ -630,8 +621,7 @@ def swap(args):
     images = common.to_float(data.images[torch.linspace(0, len(data.images) - 1, 2 * pairs).long()])
     grid = swap_grid(nets, images[:pairs], images[pairs:], config["stage"])
     path = Path(args.out or Path(args.ckpt).parent / "swap.png")
-    common.save_grid(grid.cpu(), path, row_labels=SWAP_ROWS,
-                     col_labels=[f"pair {k}" for k in range(pairs)],
+    common.save_grid(grid.cpu(), path, row_labels=SWAP_ROWS, col_labels=[f"pair {k}" for k in range(pairs)],
                      title=f"MAD ({config['stage']}): A's factors with one taken from B")
     print(f"wrote {path}")
     return path
