@@ -19,9 +19,8 @@ Objective (x in [-1, 1]; z = E(x); z^ = G_dis(E_dis(z)), z^ = z in stage ae; z_p
   L_dis = 5 [4 |z - z^|_1 + L_k(f_k, y) + |f~ - f'|_1 (pose excluded) + L_k(f'_k, y o pi)]  (saae.py)
       f~ = f detached with f_k <- f_k o pi (pi a random permutation), f' = E_dis(E(G(G_dis(f~))))
   L_pose = ||f_pose - theta||^2 (radians); L_id,style,expr = mean clamp(d(a,p) - d(a,n) + 0.2, 0, 0.4),
-      d = sqrt(||.||^2 + 1e-8), triplets (a, p, n) mined per batch (mine_triplets: utils/nn.py
-      make_triplets, calc_triplet_loss); L_expr counts twice. lam_rec = 127.5: train.py's
-      255 |x - x^|_1 on [0, 1] images (W_RECON 1) on our [-1, 1] images.
+      d = sqrt(||.||^2 + 1e-8), (a, p, n) mined per batch (mine_triplets: utils/nn.py make_triplets);
+      L_expr counts twice. lam_rec = 127.5: train.py's 255 |x - x^|_1 on [0, 1] images, on [-1, 1].
   Adam: E, G, D_z, D_x lr 2e-5, betas (0, 0.999) (train.py); E_dis, G_dis 8e-5, (0.9, 0.999) (saae.py).
 Stages (--stage): ae trains E, G, D_z, D_x (train.py --disent 0) -> disentangle trains E_dis, G_dis
 on L_dis with E, G, D_z, D_x frozen in eval mode (--disent 2 --train-ae 0) -> joint trains all six.
