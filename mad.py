@@ -307,8 +307,7 @@ def pose_from_landmarks(landmarks):
     pitch = atan((FRONTAL_V - v) PITCH_GAIN), v = (nose - eyes) / (mouth - eyes) vertically.
     On the demo set's 1,440 true angles: correlation 0.97 (yaw), 0.69 (pitch), 0.96 (roll)."""
     points = landmarks.float()
-    eye_l, eye_r, nose = points[:, 0], points[:, 1], points[:, 2]
-    mouth = (points[:, 3] + points[:, 4]) / 2
+    eye_l, eye_r, nose, mouth = points[:, 0], points[:, 1], points[:, 2], (points[:, 3] + points[:, 4]) / 2
     eye_mid, eye_vec = (eye_l + eye_r) / 2, eye_r - eye_l
     roll = torch.atan2(eye_vec[:, 1], eye_vec[:, 0])  # (N,)
     iod = eye_vec.norm(dim=1).clamp_min(1e-6)
