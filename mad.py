@@ -8,23 +8,22 @@ The paper is not stored here, so the terms below cite the code, not equation num
 Idea. An adversarial autoencoder E -> z (99) -> G: a latent critic D_z pulls z towards N(0, I), an
 image critic D_x sharpens G's output. Two MLPs sit on z: E_dis splits it into factors f = (pose 3,
 identity 32, style 32, expression 32; the last three unit vectors), G_dis maps f back, and G reads
-G_dis(E_dis(z)). Each step supervises ONE factor k and runs a cycle: give every image another's
-f_k, decode, re-encode; the other factors must come back, f_k must carry the new labels (saae.py).
+G_dis(E_dis(z)). Each step supervises ONE factor k and runs a cycle: give every image another's f_k,
+decode, re-encode; identity, style and expression (f_k included, pose never) must come back, and f_k
+must carry the new labels (saae.py). Style is what changes between VoxCeleb clips of one person.
 
 Objective (x in [-1, 1]; z = E(x); z^ = G_dis(E_dis(z)), z^ = z in stage ae; z_p ~ N(0, I); sp = softplus)
   L_Dz  = sp(-D_z(z_p)) + sp(D_z(z))       every 2nd step, lr        (train.py _run_batch)
-  L_Dx  = sp(-D_x(x)) + sp(D_x(G(z^)))     every 4th step, lr / 2    (no prior decodes: --no-lgen)
+  L_Dx  = sp(-D_x(x)) + sp(D_x(G(z^)))     every 4th step, lr / 2 = 1e-5   (no prior decodes: --no-lgen)
   L_AE  = lam_rec |x - G(z^)|_1 + sp(-D_z(z)) + sp(-D_x(G(z^)))
   L_dis = 5 [4 |z - z^|_1 + L_k(f_k, y) + |f~ - f'|_1 (pose excluded) + L_k(f'_k, y o pi)]  (saae.py)
       f~ = f detached with f_k <- f_k o pi (pi a random permutation), f' = E_dis(E(G(G_dis(f~))))
   L_pose = ||f_pose - theta||^2 (radians); L_id,style,expr = mean clamp(d(a,p) - d(a,n) + 0.2, 0, 0.4),
-      d = sqrt(||.||^2 + 1e-8), p a random other image with a's label, n one of the 5 nearest (in
-      f_k) with another label (utils/nn.py make_triplets, calc_triplet_loss); L_expr counts twice.
-  lam_rec = 127.5: train.py's 255 |x - x^|_1 on [0, 1] images (W_RECON 1) on our [-1, 1] images.
+      d = sqrt(||.||^2 + 1e-8), (a, p, n) mined per batch (mine_triplets: utils/nn.py make_triplets);
+      L_expr counts twice. lam_rec = 127.5: train.py's 255 |x - x^|_1 on [0, 1] images, on [-1, 1].
   Adam: E, G, D_z, D_x lr 2e-5, betas (0, 0.999) (train.py); E_dis, G_dis 8e-5, (0.9, 0.999) (saae.py).
 Stages (--stage): ae trains E, G, D_z, D_x (train.py --disent 0) -> disentangle trains E_dis, G_dis
 on L_dis with E, G, D_z, D_x frozen in eval mode (--disent 2 --train-ae 0) -> joint trains all six.
-The README's `--disent 1` only runs the disentanglement forward (train.py: 2 trains).
 
 Notation -> code: E Encoder (resnet_ae.resnet18, "Q"), G Decoder (invresnet.InvResNet, "P"), D_z
 LatentDiscriminator (archs.D_net_gauss), D_x ImageDiscriminator (archs.Discriminator), E_dis
@@ -34,18 +33,22 @@ Shapes (256 px): x (B, 3, 256, 256) -> E: conv7x7 s2, maxpool (B, 64, 64, 64), r
 (1000) -> (B, 99) -> G: fc, convT (B, 512, 4, 4), up blocks 256 ... 64 (B, 64, 128, 128), convT, tanh.
 
 Deviations, and why
-* Data: CelebA / the demo set stand in for VGGFace2, AffectNet, VoxCeleb. identity: identity_CelebA;
-  expression: the 4 classes of (Smiling, Mouth_Slightly_Open), mined like identity (make_triplets'
-  valence/arousal ranking needs AffectNet's continuous labels); pose: from the 5 landmarks (off
-  without them); style: the STYLE_ATTRS vector (the original: VoxCeleb clips of one person). The
-  demo set gives true angles and identities. k cycles pose, id, expr, style in the original's mix.
-  Batches after ae are B/2 same-identity pairs (train.py groups batches by identity).
-* No pretrained weights offline: train.py starts E from ImageNet ResNet-18 weights (resnet_ae.py
-  model_urls); here from random He init, so stage ae learns low-level features from faces alone
-  (slower start, weaker identity features on small data).
-* One Adam step of E per batch (train.py steps Q twice, once after the latent term alone); BCE on
-  logits (the original: -log(sigmoid + 1e-8)); fewer D_x convs below 128 px; no emotion classifier
-  ZNet (trained on detached codes: it reads f_expr, never shapes it).
+* Data: CelebA / the demo set stand in for VGGFace2, AffectNet, VoxCeleb; the demo set gives true
+  angles and identities. Identity: identity_CelebA. Pose: from the 5 landmarks (off without them),
+  (yaw, pitch, roll) where the original orders (pitch, yaw, roll). Style: a person with one key of
+  STYLE_ATTRS (per-photo looks, not traits such as Male) plays a clip; the negative is the same
+  person with another key (make_triplets' [ids, vids] branch: another clip), the positive shares
+  the key but, where the batch has one, not the person (the original: the same clip), since our
+  coarse key cannot hold a clip's lighting or set. Batches after ae are B/2 same-person pairs that
+  differ in key where they can (train.py's macro-batches of clips of 5 people need
+  --macro-batchsize > 0; default 0). Expression: the 4 classes of (Smiling, Mouth_Slightly_Open),
+  mined like identity; the original ranks by class and AffectNet's valence/arousal, no embedding
+  term (positive rank 1, negative a random rank >= 10), which needs the continuous labels.
+* No pretrained weights offline: E starts from random He init, not ImageNet (resnet_ae.py model_urls).
+* One Adam step of E per batch (train.py steps Q twice, and the second step still holds the latent
+  term's gradient: it counts twice there); BCE on logits (the original: -log(sigmoid + 1e-8)); fewer
+  D_x convs below 128 px; no emotion classifier ZNet (trained on detached codes: it reads f_expr,
+  never shapes it); no flips (face_processing.RandomHorizontalFlip, p 0.5, negates yaw, not roll).
 * --preset cpu-demo (auto on a CPU with demo data): 64 px, narrow widths, 10x the learning rates,
   batch 16, 400 steps a stage, so that each stage shows something within minutes.
 
@@ -77,7 +80,7 @@ import common
 from common import InputError
 
 FACTORS = ("pose", "identity", "style", "expression")  # the order of f, and of E_dis's heads
-POSE_DIM = 3  # yaw, pitch, roll (saae.py dim_pose)
+POSE_DIM = 3  # yaw, pitch, roll (saae.py dim_pose; the original's order: pitch, yaw, roll)
 # One factor per step (saae.py: available_factors[iter % len]): per 4 rounds pose 2, identity 3, expression
 # 3, style 2 (VGGFace2 [0,1,1,1], AffectNet [0,3,3,3], VoxCeleb [2] every other round: train.py).
 FACTOR_CYCLE = ("pose", "identity", "expression", "style", "identity", "expression", "pose",
@@ -85,8 +88,7 @@ FACTOR_CYCLE = ("pose", "identity", "expression", "style", "identity", "expressi
 STAGES = ("ae", "disentangle", "joint")
 PREVIOUS_STAGE = {"disentangle": "ae", "joint": "disentangle"}
 EXPRESSION_ATTRS = ["Smiling", "Mouth_Slightly_Open"]
-STYLE_ATTRS = ["Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair", "Eyeglasses", "Bangs",
-               "Male", "Wearing_Hat"]
+STYLE_ATTRS = ["Eyeglasses", "Bangs", "Wearing_Hat"]  # change between photos of one person, as clips do
 NOSE_DEPTH, PITCH_GAIN, FRONTAL_V = 0.33, 3.0, 0.575  # pose_from_landmarks' geometry
 
 
@@ -209,6 +211,9 @@ class Decoder(nn.Module):
                                   nn.BatchNorm2d(widths[0]), nn.ReLU())  # (B, 512, 4, 4)
         self.blocks = nn.Sequential(*[UpBlock(a, b) for a, b in zip(widths, widths[1:])])
         self.out = nn.ConvTranspose2d(widths[-1], 3, 4, 2, 1, bias=False)
+        for m in self.modules():  # invresnet.py: He-normal (fan-out) 3x3 convs; convTs keep the default
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, z):
         hidden = self.stem(self.fc(z)[:, :, None, None])  # (B, 512, 4, 4)
@@ -240,8 +245,7 @@ class LatentDiscriminator(nn.Module):
     def __init__(self, code_dim=99, hidden=1000):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(code_dim, hidden), nn.Dropout(0.2), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.Dropout(0.2), nn.ReLU(),
-                                 nn.Linear(hidden, 1))
+                                 nn.Linear(hidden, hidden), nn.Dropout(0.2), nn.ReLU(), nn.Linear(hidden, 1))
 
     def forward(self, z):
         return self.net(z).squeeze(1)  # (B,)
@@ -303,8 +307,7 @@ def pose_from_landmarks(landmarks):
     pitch = atan((FRONTAL_V - v) PITCH_GAIN), v = (nose - eyes) / (mouth - eyes) vertically.
     On the demo set's 1,440 true angles: correlation 0.97 (yaw), 0.69 (pitch), 0.96 (roll)."""
     points = landmarks.float()
-    eye_l, eye_r, nose = points[:, 0], points[:, 1], points[:, 2]
-    mouth = (points[:, 3] + points[:, 4]) / 2
+    eye_l, eye_r, nose, mouth = points[:, 0], points[:, 1], points[:, 2], (points[:, 3] + points[:, 4]) / 2
     eye_mid, eye_vec = (eye_l + eye_r) / 2, eye_r - eye_l
     roll = torch.atan2(eye_vec[:, 1], eye_vec[:, 0])  # (N,)
     iod = eye_vec.norm(dim=1).clamp_min(1e-6)
@@ -322,12 +325,11 @@ def pose_from_landmarks(landmarks):
 
 def build_factors(data, args, demo, say=print):
     """Labels of a split -> {factor: tensor or None}: pose (N, 3) radians (the original's unit),
-    identity (N, 1), expression (N, E) and style (N, S) 0/1 keys (rows equal = same label)."""
+    identity (N, 1), expression (N, E) 0/1 keys (rows equal = same label), style (N, 1 + S): the
+    person, then the STYLE_ATTRS key (mine_triplets' by_person)."""
     expr_cols = [k for k, a in enumerate(data.attr_names) if a in EXPRESSION_ATTRS]
     style_cols = [k for k, a in enumerate(data.attr_names) if a not in EXPRESSION_ATTRS]
-    factors = {"pose": None, "identity": None,
-               "expression": data.labels[:, expr_cols] if expr_cols else None,
-               "style": data.labels[:, style_cols] if style_cols else None}
+    factors = {"pose": None, "identity": None, "expression": data.labels[:, expr_cols] if expr_cols else None}
     if demo:  # the true render parameters
         params = common.load_demo_params(data.root)
         rows = [params[name] for name in data.files]
@@ -340,7 +342,10 @@ def build_factors(data, args, demo, say=print):
             factors["identity"] = data.identities.cpu()[:, None]
     for name, source in (("pose", "list_landmarks_align_celeba"), ("identity", "identity_CelebA")):
         if factors[name] is None:
-            say(f"warning: {args.data} has no {source} file: the {name} loss is off")
+            say(f"warning: {args.data} has no {source} file: the {name} loss is off"
+                + " (so is style's: it mines within a person)" * (name == "identity"))
+    person, looks = factors["identity"], data.labels[:, style_cols].cpu()  # style: the person, then the key
+    factors["style"] = torch.cat([person, looks], 1).long() if person is not None and style_cols else None
     if factors["pose"] is not None:
         factors["pose"] = torch.deg2rad(factors["pose"])
     return {k: None if v is None else v.to(data.images.device) for k, v in factors.items()}
@@ -354,20 +359,26 @@ def factor_of_step(step, available):
     return cycle[step % len(cycle)]
 
 
-def mine_triplets(codes, keys, generator):
-    """(positive, negative) index per anchor, each (B,), as utils/nn.py make_triplets picks them
-    for class labels: sort every row by (other label) + 0.5 x embedding distance; the positive is a random
-    one of the n_same - 1 other same-label images (itself when there is none), the negative one of
-    the 5 next in the order, i.e. the 5 nearest with another label (HARD_TRIPLETS_FOR_IDENTITY)."""
+def mine_triplets(codes, keys, generator, by_person=False):
+    """(positive, negative) index per anchor, each (B,) (utils/nn.py make_triplets); a label is a row
+    of `keys`. The positive: a random image of the best non-empty tier of same-label images, else
+    itself; the negative: one of the 5 nearest in f (the farthest of them when fewer) of the best tier
+    with another label (HARD_TRIPLETS_FOR_IDENTITY). Style (by_person: column 0 is the person, see the
+    header): positives of another person first, negatives of the same person first."""
     keys = keys.reshape(len(keys), -1)
-    other = (keys[:, None, :] != keys[None, :, :]).any(-1).float()  # (B, B)
+    person, keys = (keys[:, 0], keys[:, 1:]) if by_person else (keys.new_zeros(len(keys)), keys)
+    other = (keys[:, None, :] != keys[None, :, :]).any(-1).long()  # (B, B)
+    same_person = (person[:, None] == person[None, :]).long()
+    itself = torch.eye(len(keys), dtype=torch.bool, device=keys.device)
+    pos_tier = (3 * other + same_person * by_person).masked_fill(itself, 2)  # 0 key & other person
+    neg_tier = (3 * (1 - other) + (1 - same_person)).masked_fill(itself, 9)  # 0 other key, same person
     distance = torch.cdist(codes.detach().float(), codes.detach().float())
-    order = torch.argsort(other + 0.5 * distance, dim=1, stable=True)  # itself first (distance 0)
-    n_same = (1 - other).sum(1).long()  # itself included
-    draw = torch.rand(2, len(keys), generator=generator).to(codes.device)
-    pos_rank = torch.where(n_same > 1, 1 + (draw[0] * (n_same - 1)).long(), 0)
-    neg_rank = (n_same + (draw[1] * 5).long()).clamp_max(len(keys) - 1)
-    return order.gather(1, pos_rank[:, None])[:, 0], order.gather(1, neg_rank[:, None])[:, 0]
+    draw = torch.rand(len(keys), len(keys) + 1, generator=generator).to(codes.device)
+    positive = (pos_tier + draw[:, 1:]).argmin(1)  # a random one of the best tier
+    order = torch.argsort(neg_tier * (distance.max() + 1) + distance, dim=1, stable=True)
+    n_best = (neg_tier == neg_tier.gather(1, order[:, :1])).sum(1)  # size of the best tier
+    neg_rank = torch.minimum((draw[:, 0] * 5).long(), n_best - 1)
+    return positive, order.gather(1, neg_rank[:, None])[:, 0]
 
 
 # === Losses (one function per term) ===============================================================
@@ -408,7 +419,7 @@ def loss_factor(name, codes, labels, args, generator):
     """Pose regression, or a mined triplet loss (x w_expression: saae.py calc_feature_loss)."""
     if name == "pose":
         return loss_pose(codes, labels)
-    positive, negative = mine_triplets(codes, labels, generator)
+    positive, negative = mine_triplets(codes, labels, generator, by_person=name == "style")
     loss = loss_triplet(codes, codes[positive], codes[negative], args.margin)
     return loss * args.w_expression if name == "expression" else loss
 
@@ -523,9 +534,8 @@ def make_batch(data, factors, pairs, step, args, device):
     idx = common.batch_indices(len(data.images), step, args.batch_size, args.seed)
     if pairs is not None:
         idx = pairs[common.batch_indices(len(pairs), step, args.batch_size // 2, args.seed)].T.flatten()
-    images = common.to_float(data.images[idx.to(data.images.device)].to(device))
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    images = common.to_float(data.images[idx.to(data.images.device)].to(device)).contiguous(
+        memory_format=torch.channels_last if device.type == "cuda" else torch.contiguous_format)
     return images, {k: None if v is None else v[idx.to(v.device)].to(device) for k, v in factors.items()}
 
 
@@ -609,8 +619,7 @@ def swap(args):
     images = common.to_float(data.images[torch.linspace(0, len(data.images) - 1, 2 * pairs).long()])
     grid = swap_grid(nets, images[:pairs], images[pairs:], config["stage"])
     path = Path(args.out or Path(args.ckpt).parent / "swap.png")
-    common.save_grid(grid.cpu(), path, row_labels=SWAP_ROWS,
-                     col_labels=[f"pair {k}" for k in range(pairs)],
+    common.save_grid(grid.cpu(), path, row_labels=SWAP_ROWS, col_labels=[f"pair {k}" for k in range(pairs)],
                      title=f"MAD ({config['stage']}): A's factors with one taken from B")
     print(f"wrote {path}")
     return path
@@ -648,9 +657,11 @@ def setup_run(args, device):
     data = common.to_device(common.load_celeba(args.data, args.attrs, "train", args.img_size,
                                                args.crop), device)
     factors = build_factors(data, args, is_demo(args.data))
-    pairs = None  # after 'ae': batches of same-identity pairs, so identity triplets have positives
-    if args.stage != "ae" and factors["identity"] is not None:
-        pairs = common.identity_pairs(factors["identity"].view(-1).cpu(), require_diff=False)
+    pairs = None  # after 'ae': batches of same-person pairs, which differ in style where they can, so
+    if args.stage != "ae" and factors["identity"] is not None:  # identity has positives, style negatives
+        style, ids = factors["style"], factors["identity"].view(-1).cpu()
+        pairs = common.identity_pairs(ids, None if style is None else style[:, 1:].cpu())
+        pairs = pairs if len(pairs) else common.identity_pairs(ids, require_diff=False)
     val = load_split(args.data, config, data.attr_names, "val")
     spread = torch.linspace(0, len(val.images) - 1, 8).long()  # 8 faces, most of them other people
     return lock, state, init_state, data, factors, pairs, common.to_float(val.images[spread]).to(device)

@@ -43,7 +43,8 @@ def random_batch(batch=8, size=32, seed=0):
     return images, {"pose": torch.randn(batch, 3, generator=gen) * 0.3,
                     "identity": torch.arange(batch)[:, None] % 4,
                     "expression": torch.randint(0, 2, (batch, 2), generator=gen).float(),
-                    "style": torch.randint(0, 2, (batch, 8), generator=gen).float()}
+                    "style": torch.cat([torch.arange(batch)[:, None] % 4,  # the person, then the key
+                                        torch.randint(0, 2, (batch, 3), generator=gen)], 1)}
 
 
 def snapshot(module):
@@ -80,6 +81,19 @@ def test_module_shapes(size):
         assert torch.allclose(factors[name].norm(dim=1), torch.ones(2), atol=1e-5)
     assert factors["pose"].norm(dim=1).sub(1).abs().max() > 1e-3  # pose is not normalised
     assert nets.g_dis(factors).shape == (2, 99)
+
+
+def test_decoder_convs_have_he_init_and_its_transposed_convs_the_default():
+    """invresnet.py: normal(0, sqrt(2 / (k k out))) for nn.Conv2d only (ConvTranspose2d is not one)."""
+    torch.manual_seed(0)
+    g = mad.Decoder(64, 99, 64)
+    convs = [m for m in g.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs
+    for conv in convs:
+        he = math.sqrt(2 / (9 * conv.out_channels))
+        assert conv.weight.std().item() == pytest.approx(he, rel=0.05) and conv.weight.mean().abs() < 0.1 * he
+    stem = g.stem[0]  # PyTorch's kaiming_uniform(a=sqrt 5): std 1 / sqrt(3 fan_in), fan_in = out x k x k
+    assert stem.weight.std().item() == pytest.approx(1 / math.sqrt(3 * 512 * 16), rel=0.05)
 
 
 def test_full_size_networks_match_the_original_layer_sizes():
@@ -125,6 +139,82 @@ def test_mining_takes_a_same_label_positive_and_one_of_the_5_nearest_negatives()
     # the five label-1 images nearest to anchor 0 (x = 0.05 ... 0.25), never the three farther
     assert negatives == {3, 5, 7, 9, 8}
     assert positives_of_2 == {3, 4, 5, 6, 7, 8, 9}  # any other label-1 image, never itself
+
+
+# A hand-built style batch: (person, Eyeglasses, Bangs, Wearing_Hat) per image; a person with one key
+# plays a VoxCeleb clip. Codes on a line, so the nearest images are known.
+STYLE_BATCH = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0],
+                            [1, 1, 0, 0], [2, 0, 0, 0], [2, 1, 1, 1], [3, 0, 0, 1], [4, 0, 1, 1],
+                            [4, 0, 1, 1]])
+STYLE_X = torch.tensor([0.0, 0.01, 0.9, 0.3, 0.02, 0.5, 0.03, 0.6, 0.2, 0.8, 0.81])
+
+
+def test_style_mining_negative_is_the_same_person_in_another_look_positive_another_person():
+    """The original's style triplets (make_triplets with [ids, vids]): the negative is the same
+    person in another clip; our positive shares the look (the key) but preferably not the person."""
+    codes = torch.stack([STYLE_X, torch.zeros_like(STYLE_X)], 1)
+    person = STYLE_BATCH[:, 0]
+    seen = {i: (set(), set()) for i in range(len(STYLE_BATCH))}
+    for seed in range(100):
+        pos, neg = mad.mine_triplets(codes, STYLE_BATCH, torch.Generator().manual_seed(seed), by_person=True)
+        for i, (p, n) in enumerate(zip(pos.tolist(), neg.tolist())):
+            seen[i][0].add(p)
+            seen[i][1].add(n)
+    # person 0 in look 000: positives are the other people in look 000 (never 1, the same person);
+    # negatives are person 0 in its other looks (2 and 3), never another person
+    assert seen[0] == ({4, 6}, {2, 3}) and seen[1] == ({4, 6}, {2, 3})
+    assert seen[5] == ({2}, {4})  # person 1 in look 100: person 0 shares it; person 1's other look
+    assert seen[7] == ({7}, {6})  # nobody else in look 111: itself; person 2's other look
+    assert seen[9] == ({10}, set(seen[9][1]))  # look 011 only on person 4: the same "clip"
+    # person 3 has one photo: the negative falls back to one of the 5 nearest other-look images
+    nearest = sorted((abs(STYLE_X[j] - STYLE_X[8]).item(), j) for j in range(11) if j != 8)[:5]
+    assert seen[8] == ({8}, {j for _, j in nearest})
+    others = [j for j in range(11) if person[j] != 4 and (STYLE_BATCH[j, 1:] != STYLE_BATCH[9, 1:]).any()]
+    assert seen[9][1] <= set(others) and len(seen[9][1]) == 5
+
+
+def test_style_loss_on_two_people_in_two_looks():
+    """Images: A in look 1, A in look 2, B in look 1, B in look 2. Each anchor has one positive
+    (the other person, same look) and one negative (same person, other look): a known loss."""
+    labels = torch.tensor([[0, 1, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0], [1, 0, 1, 0]])
+    angle = torch.deg2rad(torch.tensor([0.0, 10.0, 20.0, 30.0]))  # each look nearer the same person
+    codes = torch.stack([angle.cos(), angle.sin()], 1)
+    positive, negative = [2, 3, 0, 1], [1, 0, 3, 2]
+
+    def dist(i, j):
+        return math.sqrt(((codes[i] - codes[j]) ** 2).sum().item() + 1e-8)
+    hinges = [min(max(dist(i, p) - dist(i, n) + 0.2, 0.0), 0.4) for i, p, n in zip(range(4), positive, negative)]
+    loss = mad.loss_factor("style", codes, labels, tiny_args(), torch.Generator().manual_seed(0))
+    assert sum(hinges) / 4 > 0.3 and loss.item() == pytest.approx(sum(hinges) / 4, abs=1e-6)
+
+
+def test_style_attributes_change_between_photos_of_one_person(smoke_runs):
+    """STYLE_ATTRS are looks, not traits: on the demo each changes within some person (Male, an
+    identity trait, does not)."""
+    data = common.load_celeba("demo:16", None, "train", 32, 170, verbose=False)  # all 40 attributes
+    ids = common.load_demo_params(data.root)
+    person = torch.tensor([ids[f]["identity"] for f in data.files])
+
+    def varies(name):
+        column = data.labels[:, data.attr_names.index(name)]
+        return any(len(column[person == p].unique()) > 1 for p in person.unique())
+    assert not varies("Male") and varies("Eyeglasses")  # the check tells a trait from a look
+    assert all(varies(name) for name in mad.STYLE_ATTRS), mad.STYLE_ATTRS
+
+
+def test_batches_after_ae_pair_one_person_in_two_looks(smoke_runs, tmp_path):
+    """setup_run's pairs: every pair of two photos of one person whose looks differ, and no other
+    (counted here from the labels), so every style anchor has a same-person negative."""
+    out, _ = smoke_runs
+    argv = ["--smoke", "--stage", "disentangle", "--init", str(out / "ae" / "ckpt.pt"), "--out", str(tmp_path)]
+    args = mad.configure(mad.parse_dataclass(mad.Args, argv), torch.device("cpu"))
+    _, _, _, data, factors, pairs, _ = mad.setup_run(args, torch.device("cpu"))
+    params = common.load_demo_params(data.root)
+    rows = [(params[f]["identity"], tuple(data.labels[k, [data.attr_names.index(a) for a in mad.STYLE_ATTRS]].tolist()))
+            for k, f in enumerate(data.files)]
+    expected = {(i, j) for i in range(len(rows)) for j in range(i + 1, len(rows))
+                if rows[i][0] == rows[j][0] and rows[i][1] != rows[j][1]}
+    assert {tuple(p) for p in pairs.tolist()} == expected and len(pairs) == len(expected) > 0
 
 
 def test_gan_pose_z_and_reconstruction_losses_on_known_values():
@@ -215,7 +305,9 @@ def test_demo_labels_pose_in_radians_identity_and_attribute_keys(smoke_runs):
     expected = [math.radians(first[k]) for k in ("yaw", "pitch", "roll")]
     assert factors["pose"][0].tolist() == pytest.approx(expected, abs=1e-6)
     assert factors["identity"][:, 0].tolist() == [params[f]["identity"] for f in data.files]
-    assert factors["expression"].shape == (len(data.files), 2) and factors["style"].shape[1] == 8
+    assert factors["expression"].shape == (len(data.files), 2)
+    style_cols = [data.attr_names.index(a) for a in mad.STYLE_ATTRS]  # the person, then the key
+    assert torch.equal(factors["style"], torch.cat([factors["identity"], data.labels[:, style_cols].long()], 1))
     smiling = data.attr_names.index("Smiling")
     assert torch.equal(factors["expression"][:, 0], data.labels[:, smiling])
 
