@@ -71,6 +71,7 @@ import re
 import shlex
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -367,7 +368,8 @@ def save_samples(g, samples, names, args, path, step):
     with autocast(next(g.parameters()).device, args.amp):
         grid, labels = flip_grid(g, *samples, names, args.thres_int, args.test_int)
     g.train()
-    common.save_grid(grid, path, col_labels=labels, title=f"AttGAN, step {step}")
+    with writing(path):
+        common.save_grid(grid, path, col_labels=labels, title=f"AttGAN, step {step}")
 
 
 def load(ckpt, device="cpu"):
@@ -462,8 +464,7 @@ def train(args):
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     data = common.load_celeba(args.data, args.attrs, "train", args.img_size, args.crop, verbose=is_main)
-    common.check_attr_rates(data.labels, data.attr_names, args.allow_rare_attrs)
-    data, names = common.to_device(data, device), data.attr_names
+    data, names = common.to_device(data, device), common.check_attr_rates(data, args.allow_rare_attrs)
     val = common.load_celeba(args.data, names, "val", args.img_size, args.crop, verbose=False)
     samples = (common.to_float(val.images[:8]).to(device), val.labels[:8].to(device))
     per_epoch = len(data.images) / args.batch_size  # updates per epoch: each draws one batch
@@ -508,8 +509,7 @@ def train(args):
                 log_progress(out, done, total, lr, totals, (done - since) / (saving - clock), args, g, d)
             totals, clock, since = {}, time.time(), done
         if is_main and (done % args.sample_every == 0 or done == total):
-            with writing(path := out / "samples" / f"step_{done:06d}.png"):
-                save_samples(g, samples, names, args, path, done)
+            save_samples(g, samples, names, args, out / "samples" / f"step_{done:06d}.png", done)
         if is_main and (done % args.ckpt_every == 0 or done == total or stop):
             check_finite(done, {}, g, d)  # a diverged run never overwrites the last good one
             save_checkpoint(out / "ckpt.pt", {
@@ -639,15 +639,11 @@ def claim_run_folder(out, resume):
 
 
 def check_writable(*paths):
-    """Refuse, before the work that produces them, output files this user cannot write."""
+    """Refuse, before the work that produces them, output files in a folder this user cannot write."""
     for path in map(Path, paths):
         try:
-            if not path.parent.exists():
-                path.parent.mkdir(parents=True)
-            existed = path.exists()
-            open(path, "a").close()  # creates nothing but an empty file, removed again
-            if not existed:
-                path.unlink()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path.parent).close()
         except OSError as err:
             raise InputError(f"{path}: expected a file this user can write ({err.strerror})") from None
 
@@ -662,17 +658,24 @@ def writing(path, kept=""):
         raise OSError(err.errno, f"could not write it ({err.strerror or err}){kept}", str(path)) from None
 
 
-def save_checkpoint(path, state):
-    """Save `state`, tagged with this script's name, to a temporary file, then rename it over `path`
-    (atomic: a failed or interrupted save keeps the previous checkpoint, and its file is removed)."""
-    tmp, data = Path(f"{path}.{os.getpid()}.tmp"), io.BytesIO()
-    torch.save({**state, "script": Path(__file__).name}, data)  # in memory: a write error says why
-    with writing(path, "; the previous checkpoint is kept"):
+def replace_file(path, data, kept=""):
+    """Write `data` (bytes) to a temporary file, then rename it over `path`: a failed or interrupted
+    write keeps the previous file, and the temporary one is removed."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    with writing(path, kept):
         try:
-            tmp.write_bytes(data.getbuffer())
+            tmp.write_bytes(data)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path, state):
+    """Save `state`, tagged with this script's name, atomically (serialised in memory first, so that
+    a failed write names its cause: torch.save's own error would not)."""
+    data = io.BytesIO()
+    torch.save({**state, "script": Path(__file__).name}, data)
+    replace_file(path, data.getbuffer(), "; the previous checkpoint is kept")
 
 
 def load_checkpoint(path, config=None, must_match=()):
@@ -711,47 +714,43 @@ def trim_jsonl(path, max_step):
     short) and the later ones (logged again), and replace the file atomically."""
     if not Path(path).is_file():
         return  # a fresh run: metrics.jsonl appears with its first line
-    kept, tmp = [], Path(f"{path}.{os.getpid()}.tmp")
+    kept = []
     for line in Path(path).read_text().splitlines():
         try:
             kept += [line + "\n"] if json.loads(line)["step"] <= max_step else []
         except (ValueError, KeyError, TypeError):
             pass
-    with writing(path):
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+    replace_file(path, "".join(kept).encode())
 
 
 def training_steps(start, end, ckpt, resume=True):
-    """range(start, end) as (step, stop). SIGINT and SIGTERM only raise a flag while it runs; `stop`
-    turns True at the next step boundary, on every DDP rank at once (one all_reduce per step there;
-    none on a single process), the loop then saves `ckpt` after that update, and the run ends with
-    one line and exit 130 / 143. A second Ctrl-C meanwhile is ignored: the save completes."""
-    caught, dist_on = [], torch.distributed.is_available() and torch.distributed.is_initialized()
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    done = start
+    """range(start, end) as (step, stop): SIGINT and SIGTERM only set a flag meanwhile, read at each
+    step boundary (the DDP ranks agree on it by one all_reduce; a single process never syncs). The
+    loop saves `ckpt` after a `stop` update, then the run ends with one line and exit 130 / 143; a
+    second Ctrl-C meanwhile is ignored, so the save completes."""
+    caught, stop, step = [], False, start - 1
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    flag = {n: signal.signal(n, lambda number, frame: caught.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in range(start, end):
-            stop = torch.tensor(float(bool(caught)), device="cuda" if dist_on and
-                                torch.distributed.get_backend() == "nccl" else "cpu")
-            if dist_on:
+            stop = torch.tensor(float(bool(caught)), device="cuda" if ddp and torch.distributed.get_backend()
+                                == "nccl" else "cpu")
+            if ddp:
                 torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX)
             yield step, bool(stop)
-            done = step + 1
             if stop:
                 break
     finally:
-        for number, handler in previous.items():
+        for number, handler in flag.items():  # the handlers from before
             signal.signal(number, handler)
-    if caught or done < end:  # a signal (here or on another rank) stopped the loop
-        number = caught[0] if caught else signal.SIGTERM
-        command = shlex.join(["python", *sys.argv] + ["--resume"] * (resume and "--resume" not in sys.argv))
-        if dist_on:
-            torch.distributed.barrier()  # rank 0 has written the checkpoint: all ranks may exit
-        if not dist_on or torch.distributed.get_rank() == 0:
-            print(f"{signal.Signals(number).name}: stopped after step {done}; {ckpt} holds it; "
-                  + (f"continue with: {command}" if done < end else "training had finished"), file=sys.stderr)
+    if caught or stop:  # here, or on another rank
+        number, command = (caught or [signal.SIGTERM])[0], shlex.join(
+            ["python", *sys.argv] + ["--resume"] * (resume and "--resume" not in sys.argv))
+        if ddp:
+            torch.distributed.barrier()  # rank 0 has written the checkpoint
+        if not ddp or torch.distributed.get_rank() == 0:
+            print(f"{signal.Signals(number).name}: stopped after step {step + 1}; {ckpt} holds it; "
+                  + (f"continue with: {command}" if step + 1 < end else "training had finished"), file=sys.stderr)
         sys.exit(128 + number)
 
 
