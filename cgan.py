@@ -512,7 +512,8 @@ def train(args):
         if not totals:
             clock = time.time()  # time the next interval without the saving
     with writing(out / "losses.png"):
-        common.plot_metrics(out / "metrics.jsonl", out / "losses.png", keys=["d_loss", "d_real", "d_fake", "d_mismatch", "g_loss"])
+        common.plot_metrics(out / "metrics.jsonl", out / "losses.png",
+                            keys=["d_loss", "d_real", "d_fake", "d_mismatch", "g_loss"])
     with writing(out / "d_outputs.png"):
         common.plot_metrics(out / "metrics.jsonl", out / "d_outputs.png", keys=["p_real", "p_fake", "p_mismatch"])
     print(f"done: {out / 'ckpt.pt'}, samples/ (step_*: G(z, a); invert_step_*: G(z*, a)), losses.png")
@@ -704,7 +705,7 @@ def training_steps(start, end, ckpt, resume=True):
     second Ctrl-C meanwhile is ignored, so the save completes."""
     caught, stop, step = [], False, start - 1
     ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
-    flag = {n: signal.signal(n, lambda number, frame: caught.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
+    previous = {n: signal.signal(n, lambda number, _: caught.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in range(start, end):
             stop = torch.tensor(float(bool(caught)), device="cuda" if ddp and torch.distributed.get_backend()
@@ -715,7 +716,7 @@ def training_steps(start, end, ckpt, resume=True):
             if stop:
                 break
     finally:
-        for number, handler in flag.items():  # the handlers from before
+        for number, handler in previous.items():
             signal.signal(number, handler)
     if caught or stop:  # here, or on another rank
         number, command = (caught or [signal.SIGTERM])[0], shlex.join(

@@ -918,7 +918,7 @@ def training_steps(start, end, ckpt, resume=True):
     second Ctrl-C meanwhile is ignored, so the save completes."""
     caught, stop, step = [], False, start - 1
     ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
-    flag = {n: signal.signal(n, lambda number, frame: caught.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
+    previous = {n: signal.signal(n, lambda number, _: caught.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in range(start, end):
             stop = torch.tensor(float(bool(caught)), device="cuda" if ddp and torch.distributed.get_backend()
@@ -929,7 +929,7 @@ def training_steps(start, end, ckpt, resume=True):
             if stop:
                 break
     finally:
-        for number, handler in flag.items():  # the handlers from before
+        for number, handler in previous.items():
             signal.signal(number, handler)
     if caught or stop:  # here, or on another rank
         number, command = (caught or [signal.SIGTERM])[0], shlex.join(

@@ -3,7 +3,8 @@
 The method files duplicate small boilerplate on purpose (a reader opens one file and sees
 everything). The marker goes on the line directly above a top-level `def` or `class` (above its
 decorators); this test finds the definition of the same name in the named file and compares the
-two source texts (decorators, docstring and comments included), so a fix made in one copy cannot silently miss the others.
+two source texts (decorators, docstring and comments included), so a fix made in one copy cannot
+silently miss the others.
 """
 import ast
 import functools
