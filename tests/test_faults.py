@@ -127,6 +127,7 @@ def test_dual_transfer_stage_1_stopped_by_a_signal_continues_exactly(dual_transf
     again = subprocess.run([sys.executable, "dual_transfer.py", "--smoke", "--out", str(out)], cwd=ROOT,
                            env=cache_env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "stopped at step 3: continuing it" in again.stdout, again.stderr[-3000:]
+    assert re.findall(r"classifier step (\d+)/4", again.stdout) == ["4"]  # only the update left to do
     for name in ("classifier.pt", "ckpt.pt"):
         assert_same_tensors(dual_transfer_smoke[0] / name, out / name)
 
