@@ -332,7 +332,8 @@ def classifier_key(args, data):
 
 def get_classifier(args, data, val, device):
     """Stage 1 -> C's weights: --classifier or <out>/classifier.pt if its key is this run's, else C trained
-    now on the training images (present labels weighted by neg/pos per attribute) and saved with its key."""
+    now on the training images (present labels weighted by neg/pos per attribute) and saved with its key.
+    A stage 1 that a signal stopped saved its step and optimizer there: the same command continues it."""
     path, key = Path(args.classifier or Path(args.out) / "classifier.pt"), classifier_key(args, data)
     if path.is_file():
         state = load_checkpoint(path)
