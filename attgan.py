@@ -61,14 +61,19 @@ Run (more in README.md)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import inspect
+import io
 import json
 import math
 import os
 import re
+import shlex
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,6 +115,7 @@ class Args:
     batch_size: int = 32  # images per update (the global batch under torchrun)
     data: str = "demo"  # a CelebA folder (any layout common.py reads), 'demo' or 'demo:N'
     attrs: list = dataclasses.field(default_factory=list)  # attributes to edit (default: the paper's 13)
+    allow_rare_attrs: bool = False  # train on attributes present on < 1 % or > 99 % of the training images
     img_size: int = 128  # image side in pixels, a multiple of 2^n_layers
     crop: int = 170  # centre square crop, in official 178x218 pixels, before resizing
     steps: int = 0  # stop after this many updates (0: all --epochs; the schedule follows --epochs)
@@ -131,7 +137,7 @@ POSITIVE = ("n_layers", "enc_dim", "dec_dim", "dis_dim", "max_dim", "dis_fc_dim"
 PRESETS = {  # applied to the fields the user did not type; README.md says what cpu-demo changes
     "smoke": dict(data="demo:16", img_size=32, n_layers=4, enc_dim=8, dec_dim=8, dis_dim=8,
                   max_dim=32, dis_fc_dim=32, batch_size=8, n_d=1, steps=6, lr_decay_epoch=0.11,
-                  log_every=2, sample_every=3, ckpt_every=3),
+                  log_every=2, sample_every=3, ckpt_every=3, allow_rare_attrs=True),  # demo:16: no Bald
     "cpu-demo": dict(img_size=64, n_layers=4, enc_dim=16, dec_dim=12, dis_dim=16, max_dim=128, dis_fc_dim=128,
                      shortcut_layers=2, lambda_cls_g=20.0, test_int=3.0, n_d=1, lr=3e-3, epochs=7.0,
                      lr_decay_epoch=6.5, log_every=50, sample_every=400, ckpt_every=400),
@@ -358,7 +364,8 @@ def save_samples(g, samples, names, args, path, step):
     with autocast(next(g.parameters()).device, args.amp):
         grid, labels = flip_grid(g, *samples, names, args.thres_int, args.test_int)
     g.train()
-    common.save_grid(grid, path, col_labels=labels, title=f"AttGAN, step {step}")
+    with writing(path):
+        common.save_grid(grid, path, col_labels=labels, title=f"AttGAN, step {step}")
 
 
 def load(ckpt, device="cpu"):
@@ -386,6 +393,7 @@ def edit(args):
     """Print the attributes D reads, then write --slide's strip, --set's edit or every flip."""
     if args.out and Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise InputError(f"--out {args.out}: expected a .png or .jpg file name")
+    check_writable(path := Path(args.out or Path(args.ckpt).parent / "edit.png"))
     g, d, config, names = load(args.ckpt, pick_device("auto"))
     size, crop, thres_int = config["img_size"], config["crop"], config["thres_int"]
     test_int = args.test_int or config["test_int"]
@@ -410,7 +418,6 @@ def edit(args):
     for k, name in enumerate(names):
         truth = f"   label {int(labels[k])}" if labels is not None else ""
         print(f"  {name:<22}{probs[0, k]:6.3f}  {'yes' if probs[0, k] > 0.5 else 'no '}{truth}")
-    path = Path(args.out or Path(args.ckpt).parent / "edit.png")
     if slide is not None:  # test_slide.py's strip: the slid attribute from −test_int to +test_int
         inputs = [edit_inputs(attr_src, names, thres_int, test_int, {**changes, slide: v})
                   for v in torch.linspace(0, 1, 9).tolist()]  # label units: G sees (2v − 1)·test_int
@@ -459,7 +466,7 @@ def train(args):
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     data = common.load_celeba(args.data, args.attrs, "train", args.img_size, args.crop, verbose=is_main)
-    data, names = common.to_device(data, device), data.attr_names
+    data, names = common.to_device(data, device), common.check_attr_rates(data, args.allow_rare_attrs)
     val = common.load_celeba(args.data, names, "val", args.img_size, args.crop, verbose=False)
     samples = (common.to_float(val.images[:8]).to(device), val.labels[:8].to(device))
     per_epoch = len(data.images) / args.batch_size  # updates per epoch: each draws one batch
@@ -485,7 +492,7 @@ def train(args):
               f"G {sum(p.numel() for p in g.parameters()):,}, D {sum(p.numel() for p in d.parameters()):,} "
               f"parameters; {args.preset}")
     totals, clock, since = {}, time.time(), start
-    for step in range(start, total):
+    for step, stop in training_steps(start, total, out / "ckpt.pt"):  # stop: SIGINT/SIGTERM came
         # TRY NOT TO MODIFY: the batch is a pure function of the step (exact resume, DDP shards).
         img_real, attr_src, _ = common.get_batch(data, step, args.batch_size // world_size, args.seed,
                                                  device, rank, world_size, channels_last=channels_last)
@@ -505,7 +512,7 @@ def train(args):
             totals, clock, since = {}, time.time(), done
         if is_main and (done % args.sample_every == 0 or done == total):
             save_samples(g, samples, names, args, out / "samples" / f"step_{done:06d}.png", done)
-        if is_main and (done % args.ckpt_every == 0 or done == total):
+        if is_main and (done % args.ckpt_every == 0 or done == total or stop):
             check_finite(done, {}, g, d)  # a diverged run never overwrites the last good one
             save_checkpoint(out / "ckpt.pt", {
                 "generator": g.state_dict(), "discriminator": d.state_dict(), "opt_g": opt_g.state_dict(),
@@ -516,7 +523,8 @@ def train(args):
         dist.barrier()  # no rank closes its connections while another still reads from them
         dist.destroy_process_group()
     if is_main:
-        common.plot_metrics(out / "metrics.jsonl", out / "losses.png")
+        with writing(out / "losses.png"):
+            common.plot_metrics(out / "metrics.jsonl", out / "losses.png")
         print(f"done: {out / 'ckpt.pt'}, samples in {out / 'samples'}, losses.png")
     return out
 
@@ -526,7 +534,7 @@ def log_progress(out, done, total, lr, totals, steps_per_s, args, g, d):
     means = {k: torch.stack(v).float().mean().item() for k, v in sorted(totals.items())}
     record = {"step": done, "lr": lr, **means, "img_per_s": steps_per_s * args.batch_size}
     check_finite(done, record, g, d)
-    with open(out / "metrics.jsonl", "a") as f:
+    with writing(out / "metrics.jsonl"), open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     print(f"step {done}/{total}  " + "  ".join(f"{k} {v:.4g}" for k, v in means.items()) + f"  lr {lr:.1e}  "
           f"{record['img_per_s']:.0f} img/s  ETA {(total - done) / steps_per_s / 60:.1f} min", flush=True)
@@ -608,7 +616,8 @@ def autocast(device, enabled):
 
 def claim_run_folder(out, resume):
     """Make `out` this process's run folder before any data loads -> its lock (keep it open). Refused:
-    a file, an unwritable folder, another live run's folder, a run's folder unless --resume."""
+    a file, an unwritable folder, another live run's folder, a run's folder unless --resume. Nothing
+    else is written there before training starts; a crashed save's temporary files are removed."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -618,6 +627,8 @@ def claim_run_folder(out, resume):
         raise InputError(f"--out {out}: another run is writing there; expected a free folder") from None
     except OSError as err:
         raise InputError(f"--out {out}: expected a folder this user can write ({err.strerror})") from None
+    for stale in out.glob("*.[0-9]*.tmp"):  # <file>.<pid>.tmp: no live run writes here (the lock)
+        stale.unlink()
     held = [n for n in ("ckpt.pt", "metrics.jsonl", "samples") if (out / n).exists()]
     if resume and "ckpt.pt" not in held or held and not resume:
         lock.close()
@@ -627,12 +638,44 @@ def claim_run_folder(out, resume):
     return lock
 
 
-def save_checkpoint(path, state):
-    """Save `state`, tagged with this script's name, to a temporary file, then rename it over `path`
-    (atomic: a crash mid-save keeps the previous checkpoint)."""
+def check_writable(*paths):
+    """Refuse, before the work that produces them, output files in a folder this user cannot write."""
+    for path in map(Path, paths):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path.parent).close()
+        except OSError as err:
+            raise InputError(f"{path}: expected a file this user can write ({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def writing(path, kept=""):
+    """A failed write inside (disk full, quota, read-only) -> an OSError naming `path` and its cause
+    (run_main prints it as one line)."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, f"could not write it ({err.strerror or err}){kept}", str(path)) from None
+
+
+def replace_file(path, data, kept=""):
+    """Write `data` (bytes) to a temporary file, then rename it over `path`: a failed or interrupted
+    write keeps the previous file, and the temporary one is removed."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    torch.save({**state, "script": Path(__file__).name}, tmp)
-    os.replace(tmp, path)
+    with writing(path, kept):
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def save_checkpoint(path, state):
+    """Save `state`, tagged with this script's name, atomically (serialised in memory first, so that
+    a failed write names its cause: torch.save's own error would not)."""
+    data = io.BytesIO()
+    torch.save({**state, "script": Path(__file__).name}, data)
+    replace_file(path, data.getbuffer(), "; the previous checkpoint is kept")
 
 
 def load_checkpoint(path, config=None, must_match=()):
@@ -667,16 +710,62 @@ def check_finite(step, stats, *modules):
 
 
 def trim_jsonl(path, max_step):
-    """On resume, keep the lines logged up to the checkpoint's step, drop a torn one (power lost
-    mid-write) and the later ones (logged again), and replace the file atomically."""
-    kept, tmp = [], f"{path}.{os.getpid()}.tmp"
-    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+    """On resume, keep the lines logged up to the checkpoint's step, drop a torn one (a write cut
+    short) and the later ones (logged again), and replace the file atomically."""
+    if not Path(path).is_file():
+        return  # a fresh run: metrics.jsonl appears with its first line
+    kept = []
+    for line in Path(path).read_text().splitlines():
         try:
             kept += [line + "\n"] if json.loads(line)["step"] <= max_step else []
         except (ValueError, KeyError, TypeError):
             pass
-    Path(tmp).write_text("".join(kept))
-    os.replace(tmp, path)
+    replace_file(path, "".join(kept).encode())
+
+
+def training_steps(start, end, ckpt, resume=True):
+    """range(start, end) as (step, stop): SIGINT and SIGTERM only set a flag meanwhile, read at each
+    step boundary (the DDP ranks agree on it by one all_reduce; a single process never syncs). The
+    loop saves `ckpt` after a `stop` update, then the run ends with one line and exit 130 / 143; a
+    second Ctrl-C meanwhile is ignored, so the save completes."""
+    caught, stop, step = [], False, start - 1
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    previous = {n: signal.signal(n, lambda number, _: caught.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for step in range(start, end):
+            stop = torch.tensor(float(bool(caught)), device="cuda" if ddp and torch.distributed.get_backend()
+                                == "nccl" else "cpu")
+            if ddp:
+                torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX)
+            yield step, bool(stop)
+            if stop:
+                break
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught or stop:  # here, or on another rank
+        number, command = (caught or [signal.SIGTERM])[0], shlex.join(
+            ["python", *sys.argv] + ["--resume"] * (resume and "--resume" not in sys.argv))
+        if ddp:
+            torch.distributed.barrier()  # rank 0 has written the checkpoint
+        if not ddp or torch.distributed.get_rank() == 0:
+            print(f"{signal.Signals(number).name}: stopped after step {step + 1}; {ckpt} holds it; "
+                  + (f"continue with: {command}" if step + 1 < end else "training had finished"), file=sys.stderr)
+        sys.exit(128 + number)
+
+
+def run_main(main):
+    """Run a command line; a refused input, a diverged run or a failed write ends with one line
+    (exit 1), Ctrl-C outside a training loop with its message (exit 130): never a traceback."""
+    try:
+        main()
+    except (InputError, FloatingPointError) as err:
+        sys.exit(f"error: {err}")
+    except OSError as err:
+        sys.exit(f"error: {err.filename + ': ' if err.filename else ''}{err.strerror or err}")
+    except KeyboardInterrupt as err:
+        print(f"interrupted{': ' if str(err) else ''}{err}", file=sys.stderr)
+        sys.exit(130)
 
 
 def is_demo(data):
@@ -693,7 +782,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (InputError, FloatingPointError) as err:  # one clear line, no traceback
-        sys.exit(f"error: {err}")
+    run_main(main)

@@ -59,14 +59,19 @@ Deviations, and why
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import inspect
+import io
 import json
 import math
 import os
 import re
+import shlex
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +127,7 @@ class Args:
     sample_every: int = 1000  # write sample grids every this many steps (and at the end)
     ckpt_every: int = 1000  # write ckpt.pt every this many steps (and at the end)
     resume: bool = False  # continue from <out>/ckpt.pt (its configuration must match)
+    allow_rare_attrs: bool = False  # train on attributes present on < 1 % or > 99 % of the training images
     smoke: bool = False  # tiny end-to-end run: demo:16, narrow networks, 4 steps (seconds on a CPU)
 
 
@@ -136,7 +142,8 @@ PRESETS = {
     "fc": dict(arch="fc", img_size=0, lr=8e-5, batch_size=16, attrs=["notebook23"], max_images=10000,
                steps=1000),  # cgan_d1107.ipynb (Adam 8e-5, beta1 0.5, batch 16, 1000 iterations)
     "cpu-demo": dict(steps=1000, sample_every=500, ckpt_every=500),  # the same model, fewer steps
-    "smoke": dict(data="demo:16", width=8, noise_dim=16, fc_hidden=16, batch_size=8, steps=4, log_every=1, sample_every=2, ckpt_every=2),
+    "smoke": dict(data="demo:16", width=8, noise_dim=16, fc_hidden=16, batch_size=8, steps=4,
+                  log_every=1, sample_every=2, ckpt_every=2, allow_rare_attrs=True),  # demo:16: no Bald
 }
 # Fields a resumed run must share with its checkpoint (the model, the data, the batches).
 RESUME_MUST_MATCH = ("arch", "g_input", "attr_join", "attrs", "mismatch", "img_size", "crop", "noise_dim",
@@ -456,6 +463,7 @@ def train(args):
     first = {k: v[:args.max_images or None] for k in ("images", "labels", "files", "identities", "landmarks")
              if (v := getattr(data, k)) is not None}  # the notebooks' first `num_of_img` files
     data = common.to_device(dataclasses.replace(data, **first), device)
+    common.check_attr_rates(data, args.allow_rare_attrs)
     attr_names, fixed = data.attr_names, fixed_sample_inputs(config, data, device)
     torch.manual_seed(args.seed)
     channels_last = device.type == "cuda" and args.arch == "dcgan"  # faster convs, no flag needed
@@ -473,7 +481,7 @@ def train(args):
           f"{len(data.images)} images, {img_hw} px, {len(attr_names)} attributes, {device}; steps {start}..{args.steps}")
     amp_ctx = lambda: autocast(device, args.amp)  # noqa: E731
     totals, logged, clock = {}, start, time.time()
-    for step in range(start, args.steps):
+    for step, stop in training_steps(start, args.steps, out / "ckpt.pt"):  # stop: SIGINT/SIGTERM came
         # ALGO LOGIC: a batch and one z per face (pure functions of seed and step), one D then one G update
         img_real, attr_real, _ = common.get_batch(data, step, args.batch_size, args.seed, device, channels_last=channels_last)
         rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
@@ -488,23 +496,27 @@ def train(args):
             record = {"step": done, "img_per_s": n * args.batch_size / max(elapsed, 1e-9),
                       **{k: (v / n).item() for k, v in totals.items()}}
             check_finite(done, record, generator, discriminator)
-            with open(out / "metrics.jsonl", "a") as f:
+            with writing(out / "metrics.jsonl"), open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"step {done}/{args.steps} " + " ".join(f"{k} {v:.3f}" for k, v in record.items()
                   if k not in ("step", "img_per_s")) + f"  {record['img_per_s']:.0f} img/s  ETA "
                   f"{(args.steps - done) * elapsed / n / 60:.1f} min", flush=True)
             totals, logged = {}, done
         if done % args.sample_every == 0 or done == args.steps:
-            save_samples(generator, fixed, attr_names, out / "samples", done)
-        if done % args.ckpt_every == 0 or done == args.steps:
+            with writing(out / "samples"):
+                save_samples(generator, fixed, attr_names, out / "samples", done)
+        if done % args.ckpt_every == 0 or done == args.steps or stop:
             check_finite(done, {}, generator, discriminator)  # never overwrite a good checkpoint
             save_checkpoint(out / "ckpt.pt", {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
                                               "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": done,
                                               "config": config, "attr_names": attr_names})
         if not totals:
             clock = time.time()  # time the next interval without the saving
-    common.plot_metrics(out / "metrics.jsonl", out / "losses.png", keys=["d_loss", "d_real", "d_fake", "d_mismatch", "g_loss"])
-    common.plot_metrics(out / "metrics.jsonl", out / "d_outputs.png", keys=["p_real", "p_fake", "p_mismatch"])
+    with writing(out / "losses.png"):
+        common.plot_metrics(out / "metrics.jsonl", out / "losses.png",
+                            keys=["d_loss", "d_real", "d_fake", "d_mismatch", "g_loss"])
+    with writing(out / "d_outputs.png"):
+        common.plot_metrics(out / "metrics.jsonl", out / "d_outputs.png", keys=["p_real", "p_fake", "p_mismatch"])
     print(f"done: {out / 'ckpt.pt'}, samples/ (step_*: G(z, a); invert_step_*: G(z*, a)), losses.png")
     return out
 
@@ -576,7 +588,8 @@ def autocast(device, enabled):
 # Copied from attgan.py
 def claim_run_folder(out, resume):
     """Make `out` this process's run folder before any data loads -> its lock (keep it open). Refused:
-    a file, an unwritable folder, another live run's folder, a run's folder unless --resume."""
+    a file, an unwritable folder, another live run's folder, a run's folder unless --resume. Nothing
+    else is written there before training starts; a crashed save's temporary files are removed."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -586,6 +599,8 @@ def claim_run_folder(out, resume):
         raise InputError(f"--out {out}: another run is writing there; expected a free folder") from None
     except OSError as err:
         raise InputError(f"--out {out}: expected a folder this user can write ({err.strerror})") from None
+    for stale in out.glob("*.[0-9]*.tmp"):  # <file>.<pid>.tmp: no live run writes here (the lock)
+        stale.unlink()
     held = [n for n in ("ckpt.pt", "metrics.jsonl", "samples") if (out / n).exists()]
     if resume and "ckpt.pt" not in held or held and not resume:
         lock.close()
@@ -594,13 +609,48 @@ def claim_run_folder(out, resume):
                          f"--resume or choose another --out (nothing was changed)")
     return lock
 
+
+# Copied from attgan.py
+def check_writable(*paths):
+    """Refuse, before the work that produces them, output files in a folder this user cannot write."""
+    for path in map(Path, paths):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path.parent).close()
+        except OSError as err:
+            raise InputError(f"{path}: expected a file this user can write ({err.strerror})") from None
+
+
+# Copied from attgan.py
+@contextlib.contextmanager
+def writing(path, kept=""):
+    """A failed write inside (disk full, quota, read-only) -> an OSError naming `path` and its cause
+    (run_main prints it as one line)."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, f"could not write it ({err.strerror or err}){kept}", str(path)) from None
+
+# Copied from attgan.py
+def replace_file(path, data, kept=""):
+    """Write `data` (bytes) to a temporary file, then rename it over `path`: a failed or interrupted
+    write keeps the previous file, and the temporary one is removed."""
+    tmp = Path(f"{path}.{os.getpid()}.tmp")
+    with writing(path, kept):
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 # Copied from attgan.py
 def save_checkpoint(path, state):
-    """Save `state`, tagged with this script's name, to a temporary file, then rename it over `path`
-    (atomic: a crash mid-save keeps the previous checkpoint)."""
-    tmp = Path(f"{path}.{os.getpid()}.tmp")
-    torch.save({**state, "script": Path(__file__).name}, tmp)
-    os.replace(tmp, path)
+    """Save `state`, tagged with this script's name, atomically (serialised in memory first, so that
+    a failed write names its cause: torch.save's own error would not)."""
+    data = io.BytesIO()
+    torch.save({**state, "script": Path(__file__).name}, data)
+    replace_file(path, data.getbuffer(), "; the previous checkpoint is kept")
 
 # Copied from attgan.py
 def load_checkpoint(path, config=None, must_match=()):
@@ -635,16 +685,64 @@ def check_finite(step, stats, *modules):
 
 # Copied from attgan.py
 def trim_jsonl(path, max_step):
-    """On resume, keep the lines logged up to the checkpoint's step, drop a torn one (power lost
-    mid-write) and the later ones (logged again), and replace the file atomically."""
-    kept, tmp = [], f"{path}.{os.getpid()}.tmp"
-    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+    """On resume, keep the lines logged up to the checkpoint's step, drop a torn one (a write cut
+    short) and the later ones (logged again), and replace the file atomically."""
+    if not Path(path).is_file():
+        return  # a fresh run: metrics.jsonl appears with its first line
+    kept = []
+    for line in Path(path).read_text().splitlines():
         try:
             kept += [line + "\n"] if json.loads(line)["step"] <= max_step else []
         except (ValueError, KeyError, TypeError):
             pass
-    Path(tmp).write_text("".join(kept))
-    os.replace(tmp, path)
+    replace_file(path, "".join(kept).encode())
+
+
+# Copied from attgan.py
+def training_steps(start, end, ckpt, resume=True):
+    """range(start, end) as (step, stop): SIGINT and SIGTERM only set a flag meanwhile, read at each
+    step boundary (the DDP ranks agree on it by one all_reduce; a single process never syncs). The
+    loop saves `ckpt` after a `stop` update, then the run ends with one line and exit 130 / 143; a
+    second Ctrl-C meanwhile is ignored, so the save completes."""
+    caught, stop, step = [], False, start - 1
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    previous = {n: signal.signal(n, lambda number, _: caught.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for step in range(start, end):
+            stop = torch.tensor(float(bool(caught)), device="cuda" if ddp and torch.distributed.get_backend()
+                                == "nccl" else "cpu")
+            if ddp:
+                torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX)
+            yield step, bool(stop)
+            if stop:
+                break
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught or stop:  # here, or on another rank
+        number, command = (caught or [signal.SIGTERM])[0], shlex.join(
+            ["python", *sys.argv] + ["--resume"] * (resume and "--resume" not in sys.argv))
+        if ddp:
+            torch.distributed.barrier()  # rank 0 has written the checkpoint
+        if not ddp or torch.distributed.get_rank() == 0:
+            print(f"{signal.Signals(number).name}: stopped after step {step + 1}; {ckpt} holds it; "
+                  + (f"continue with: {command}" if step + 1 < end else "training had finished"), file=sys.stderr)
+        sys.exit(128 + number)
+
+
+# Copied from attgan.py
+def run_main(main):
+    """Run a command line; a refused input, a diverged run or a failed write ends with one line
+    (exit 1), Ctrl-C outside a training loop with its message (exit 130): never a traceback."""
+    try:
+        main()
+    except (InputError, FloatingPointError) as err:
+        sys.exit(f"error: {err}")
+    except OSError as err:
+        sys.exit(f"error: {err.filename + ': ' if err.filename else ''}{err.strerror or err}")
+    except KeyboardInterrupt as err:
+        print(f"interrupted{': ' if str(err) else ''}{err}", file=sys.stderr)
+        sys.exit(130)
 
 # Copied from attgan.py
 def is_demo(data):
@@ -658,7 +756,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (InputError, FloatingPointError) as err:  # one clear line, no traceback
-        sys.exit(f"error: {err}")
+    run_main(main)

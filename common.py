@@ -294,6 +294,20 @@ def resolve_attrs(names, available=CELEBA_ATTRS) -> list[str]:
     return resolved
 
 
+def check_attr_rates(data, allow=False, low=0.01) -> list[str]:
+    """A training split's attr_names, refused where an attribute cannot be learned: present on fewer
+    than `low` or more than 1 - `low` of its images (constant ones included), each named with its
+    rate; with `allow`, only said on stderr."""
+    n, present = len(data.labels), data.labels.sum(0).tolist()  # counts: 2 of 200 is 1 %, not 0.99999 %
+    rare = [f"{name} on {k / n:.1%}" for name, k in zip(data.attr_names, present) if min(k, n - k) < low * n]
+    if rare and not allow:
+        raise InputError(f"--attrs: {', '.join(rare)} of the {len(data.labels)} training images; expected "
+                         f"attributes present on {low:.0%} to {1 - low:.0%} (--allow-rare-attrs trains anyway)")
+    if rare:
+        print(f"note: rare attributes, trained anyway: {', '.join(rare)}", file=sys.stderr)
+    return data.attr_names
+
+
 # ------------------------------------------------------------------------------------------------
 # Preprocessing: one function used by the cache, direct decodes and a user's own photo
 # ------------------------------------------------------------------------------------------------

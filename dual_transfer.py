@@ -47,15 +47,20 @@ Deviations, and why
     python dual_transfer.py edit --ckpt runs/dual/ckpt.pt --image me.jpg --set Eyeglasses=1
 """
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
 import re
+import shlex
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -104,6 +109,7 @@ class Args:
     sample_every: int = 2000  # write samples/step_XXXXXX.png every this many steps, and at the end
     ckpt_every: int = 2000  # write ckpt.pt every this many steps, and at the end
     resume: bool = False  # continue the run in --out exactly where its checkpoint stopped
+    allow_rare_attrs: bool = False  # train on attributes present on < 1 % or > 99 % of the training images
     smoke: bool = False  # a tiny end-to-end run of both stages on demo:16 (seconds on a CPU); tests use it
 
 
@@ -330,28 +336,36 @@ def classifier_key(args, data):
 
 def get_classifier(args, data, val, pairs, device):
     """Stage 1 -> C's weights: --classifier or <out>/classifier.pt if its key is this run's, else C trained
-    now on both photos of the training pairs and saved with its key."""
+    now on both photos of the training pairs and saved with its key. A stage 1 that a signal stopped
+    saved its step and optimizer there: the same command continues it."""
     path, key = Path(args.classifier or Path(args.out) / "classifier.pt"), classifier_key(args, data)
     if path.is_file():
         saved = (state := load_checkpoint(path)).get("key", {})
         differ = [k for k in key if saved.get(k) != key[k]]
-        if not differ:
+        if not differ and "val_accuracy" in state:
             print(f"classifier: {path} (validation accuracy {state['val_accuracy']})")
             return state["classifier"]
         why = ", ".join(f"{k}={saved.get(k)!r} (this run: {key[k]!r})" for k in differ)
-        if args.classifier:
+        if differ and args.classifier:
             raise InputError(f"--classifier {path} was trained with {why}")
-        print(f"{path} was trained with {why}: training a new classifier")
+        print(f"{path} stopped at step {state['step']}: continuing it" if not differ else
+              f"{path} was trained with {why}: training a new classifier")
     elif args.classifier:
         raise InputError(f"--classifier {path}: no such file (leave it out to train one)")
     torch.manual_seed(args.seed)
     classifier = build_models(dataclasses.asdict(args), len(data.attr_names))[2].to(device)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=args.cls_lr, weight_decay=args.weight_decay)
+    state = state if path.is_file() and not differ else None  # a stage 1 that a signal stopped
+    for module, name in ((classifier, "classifier"), (optimizer, "optimizer")) if state else ():
+        module.load_state_dict(state[name])
     seen, amp_ctx = data.labels[pairs.flatten()], lambda: autocast(device, args.amp)  # labels C is shown
     pos_weight = (len(seen) / seen.sum(0).clamp_min(1) - 1).clamp(1.0, 50.0).to(device)  # neg/pos, in [1, 50]
-    for step in range(args.cls_steps):
+    for step, stop in training_steps(state["step"] if state else 0, args.cls_steps, path, resume=False):
         chosen = pairs[common.batch_indices(len(pairs), step, args.batch_size, args.seed + 1)]
         stats = classifier_step(classifier, optimizer, *pair_tensors(data, chosen, device), pos_weight, amp_ctx)
+        if stop:  # the next run with the same settings continues from here
+            save_checkpoint(path, {"kind": "classifier", "classifier": classifier.state_dict(), "key": key,
+                                   "optimizer": optimizer.state_dict(), "step": step + 1})
         if (step + 1) % max(args.cls_steps // 5, 1) == 0:
             check_finite(step + 1, stats, classifier)
             print(f"stage 1: step {step + 1}/{args.cls_steps}  loss {stats['c_loss']:.3f}  acc {stats['c_acc']:.3f}")
@@ -391,6 +405,8 @@ def edit(args):
     """Print what C reads on the photo; write --set's edit (+ a comparison grid), else every attribute flipped."""
     if args.out and Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise InputError(f"--out {args.out}: expected a .png or .jpg file name")
+    path = Path(args.out or Path(args.ckpt).parent / "edit.png")
+    check_writable(path, *[path.with_name(path.stem + "_compare.png")] * bool(args.set))
     config, names, (encoder, decoder, classifier) = load(args.ckpt, device := pick_device("auto"))
     for item in args.set:
         if not re.fullmatch(r"\w+=[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", item):
@@ -408,7 +424,6 @@ def edit(args):
         for k, value in changes.items():
             targets[1][:, k] = value
     columns = [image] + [transfer(encoder, decoder, image, a) for a in targets]
-    path = Path(args.out or Path(args.ckpt).parent / "edit.png")
     if changes:
         torchvision.utils.save_image(columns[-1][0].cpu(), path)
         path = path.with_name(path.stem + "_compare.png")
@@ -442,6 +457,7 @@ def prepare(args):
     if data.identities is None:
         raise InputError(f"dual training needs identity_CelebA.txt (who is in each photo; the official CelebA "
                          f"release has it in its Anno folder) beside the images of {data.root} ({data.layout})")
+    common.check_attr_rates(data, args.allow_rare_attrs)
     val = common.load_celeba(args.data, data.attr_names, "val", args.img_size, args.crop or None, verbose=False)
     pairs = common.identity_pairs(data.identities, data.labels)
     if len(pairs) < args.batch_size:
@@ -485,7 +501,7 @@ def train(args):
     data = common.to_device(data, device)
     step_models = [torch.compile(m) for m in models] if args.compile else models
     totals, clock, since = {}, time.time(), start
-    for step in range(start, args.steps):
+    for step, stop in training_steps(start, args.steps, out / "ckpt.pt"):  # stop: SIGINT/SIGTERM came
         # ALGO LOGIC: one update of E and Dec on a batch of pairs
         chosen = pairs[common.batch_indices(len(pairs), step, args.batch_size, args.seed)]
         stats = dual_step(step_models, optimizer, *pair_tensors(data, chosen, device), args, amp_ctx)
@@ -497,7 +513,7 @@ def train(args):
             record = {"step": done, **{k: float(v) / (done - since) for k, v in totals.items()},
                       "img_per_s": steps_per_s * 2 * args.batch_size}  # both images of a pair
             check_finite(done, record, *models)
-            with open(out / "metrics.jsonl", "a") as f:
+            with writing(out / "metrics.jsonl"), open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"step {done}/{args.steps}  " + "  ".join(f"{k} {record[k]:.4g}" for k in stats)
                   + f"  {record['img_per_s']:.0f} img/s  ETA {(args.steps - done) / steps_per_s / 60:.1f} min",
@@ -505,22 +521,24 @@ def train(args):
             totals, clock, since = {}, time.time(), done
         if done % args.sample_every == 0 or done == args.steps:
             picture, labels = pair_grid(encoder.eval(), decoder.eval(), *grid, names)
-            common.save_grid(picture.cpu(), out / "samples" / f"step_{done:06d}.png", col_labels=labels,
-                             title=f"Dual Training, step {done}")
+            with writing(path := out / "samples" / f"step_{done:06d}.png"):
+                common.save_grid(picture.cpu(), path, col_labels=labels, title=f"Dual Training, step {done}")
             encoder.train(), decoder.train()
-        if done % args.ckpt_every == 0 or done == args.steps:
+        if done % args.ckpt_every == 0 or done == args.steps or stop:
             check_finite(done, {}, *models)  # a diverged run never overwrites the last good one
             save_checkpoint(out / "ckpt.pt", {
                 "kind": "dual", "step": done, "config": dataclasses.asdict(args), "attr_names": list(names),
                 "optimizer": optimizer.state_dict(), "encoder": encoder.state_dict(),
                 "decoder": decoder.state_dict(), "classifier": classifier.state_dict()})
-    common.plot_metrics(out / "metrics.jsonl", out / "losses.png")
+    with writing(out / "losses.png"):
+        common.plot_metrics(out / "metrics.jsonl", out / "losses.png")
     encoder.eval(), decoder.eval()
     results = {"train": evaluate_pairs(models, data, common.identity_pairs(
         data.identities, data.labels, max_pairs=2000, seed=args.seed), "train (<= 2000 pairs, all people)", device)}
     if len(val_pairs):
         results["val"] = evaluate_pairs(models, val, val_pairs, "val", device)
-    (out / "eval.json").write_text(json.dumps({"step": args.steps, **results}, indent=1) + "\n")
+    with writing(out / "eval.json"):
+        (out / "eval.json").write_text(json.dumps({"step": args.steps, **results}, indent=1) + "\n")
     print(f"done: {out / 'ckpt.pt'}, samples in {out / 'samples'}, losses.png, eval.json")
     return out
 
@@ -595,7 +613,8 @@ def autocast(device, enabled):
 # Copied from attgan.py
 def claim_run_folder(out, resume):
     """Make `out` this process's run folder before any data loads -> its lock (keep it open). Refused:
-    a file, an unwritable folder, another live run's folder, a run's folder unless --resume."""
+    a file, an unwritable folder, another live run's folder, a run's folder unless --resume. Nothing
+    else is written there before training starts; a crashed save's temporary files are removed."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -605,6 +624,8 @@ def claim_run_folder(out, resume):
         raise InputError(f"--out {out}: another run is writing there; expected a free folder") from None
     except OSError as err:
         raise InputError(f"--out {out}: expected a folder this user can write ({err.strerror})") from None
+    for stale in out.glob("*.[0-9]*.tmp"):  # <file>.<pid>.tmp: no live run writes here (the lock)
+        stale.unlink()
     held = [n for n in ("ckpt.pt", "metrics.jsonl", "samples") if (out / n).exists()]
     if resume and "ckpt.pt" not in held or held and not resume:
         lock.close()
@@ -615,12 +636,47 @@ def claim_run_folder(out, resume):
 
 
 # Copied from attgan.py
-def save_checkpoint(path, state):
-    """Save `state`, tagged with this script's name, to a temporary file, then rename it over `path`
-    (atomic: a crash mid-save keeps the previous checkpoint)."""
+def check_writable(*paths):
+    """Refuse, before the work that produces them, output files in a folder this user cannot write."""
+    for path in map(Path, paths):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path.parent).close()
+        except OSError as err:
+            raise InputError(f"{path}: expected a file this user can write ({err.strerror})") from None
+
+
+# Copied from attgan.py
+@contextlib.contextmanager
+def writing(path, kept=""):
+    """A failed write inside (disk full, quota, read-only) -> an OSError naming `path` and its cause
+    (run_main prints it as one line)."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, f"could not write it ({err.strerror or err}){kept}", str(path)) from None
+
+
+# Copied from attgan.py
+def replace_file(path, data, kept=""):
+    """Write `data` (bytes) to a temporary file, then rename it over `path`: a failed or interrupted
+    write keeps the previous file, and the temporary one is removed."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    torch.save({**state, "script": Path(__file__).name}, tmp)
-    os.replace(tmp, path)
+    with writing(path, kept):
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+# Copied from attgan.py
+def save_checkpoint(path, state):
+    """Save `state`, tagged with this script's name, atomically (serialised in memory first, so that
+    a failed write names its cause: torch.save's own error would not)."""
+    data = io.BytesIO()
+    torch.save({**state, "script": Path(__file__).name}, data)
+    replace_file(path, data.getbuffer(), "; the previous checkpoint is kept")
 
 
 # Copied from attgan.py
@@ -658,16 +714,64 @@ def check_finite(step, stats, *modules):
 
 # Copied from attgan.py
 def trim_jsonl(path, max_step):
-    """On resume, keep the lines logged up to the checkpoint's step, drop a torn one (power lost
-    mid-write) and the later ones (logged again), and replace the file atomically."""
-    kept, tmp = [], f"{path}.{os.getpid()}.tmp"
-    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+    """On resume, keep the lines logged up to the checkpoint's step, drop a torn one (a write cut
+    short) and the later ones (logged again), and replace the file atomically."""
+    if not Path(path).is_file():
+        return  # a fresh run: metrics.jsonl appears with its first line
+    kept = []
+    for line in Path(path).read_text().splitlines():
         try:
             kept += [line + "\n"] if json.loads(line)["step"] <= max_step else []
         except (ValueError, KeyError, TypeError):
             pass
-    Path(tmp).write_text("".join(kept))
-    os.replace(tmp, path)
+    replace_file(path, "".join(kept).encode())
+
+
+# Copied from attgan.py
+def training_steps(start, end, ckpt, resume=True):
+    """range(start, end) as (step, stop): SIGINT and SIGTERM only set a flag meanwhile, read at each
+    step boundary (the DDP ranks agree on it by one all_reduce; a single process never syncs). The
+    loop saves `ckpt` after a `stop` update, then the run ends with one line and exit 130 / 143; a
+    second Ctrl-C meanwhile is ignored, so the save completes."""
+    caught, stop, step = [], False, start - 1
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    previous = {n: signal.signal(n, lambda number, _: caught.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for step in range(start, end):
+            stop = torch.tensor(float(bool(caught)), device="cuda" if ddp and torch.distributed.get_backend()
+                                == "nccl" else "cpu")
+            if ddp:
+                torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX)
+            yield step, bool(stop)
+            if stop:
+                break
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught or stop:  # here, or on another rank
+        number, command = (caught or [signal.SIGTERM])[0], shlex.join(
+            ["python", *sys.argv] + ["--resume"] * (resume and "--resume" not in sys.argv))
+        if ddp:
+            torch.distributed.barrier()  # rank 0 has written the checkpoint
+        if not ddp or torch.distributed.get_rank() == 0:
+            print(f"{signal.Signals(number).name}: stopped after step {step + 1}; {ckpt} holds it; "
+                  + (f"continue with: {command}" if step + 1 < end else "training had finished"), file=sys.stderr)
+        sys.exit(128 + number)
+
+
+# Copied from attgan.py
+def run_main(main):
+    """Run a command line; a refused input, a diverged run or a failed write ends with one line
+    (exit 1), Ctrl-C outside a training loop with its message (exit 130): never a traceback."""
+    try:
+        main()
+    except (InputError, FloatingPointError) as err:
+        sys.exit(f"error: {err}")
+    except OSError as err:
+        sys.exit(f"error: {err.filename + ': ' if err.filename else ''}{err.strerror or err}")
+    except KeyboardInterrupt as err:
+        print(f"interrupted{': ' if str(err) else ''}{err}", file=sys.stderr)
+        sys.exit(130)
 
 
 # Copied from attgan.py
@@ -685,7 +789,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (InputError, FloatingPointError) as err:  # one clear line, no traceback
-        sys.exit(f"error: {err}")
+    run_main(main)

@@ -58,15 +58,20 @@ Commands (more in README.md)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
 import re
+import shlex
+import signal
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -105,6 +110,7 @@ class Args:
     phase_steps: int = 0  # pgae: steps per epoch of its schedule (0: one epoch, the original's)
     data: str = "demo"  # a CelebA folder (any layout common.py reads), 'demo' or 'demo:N'
     attrs: list = dataclasses.field(default_factory=list)  # attributes of the sample grids
+    allow_rare_attrs: bool = False  # use attributes present on < 1 % or > 99 % of the training images
     out: str = "runs/feature_ae"  # run folder: ckpt.pt, metrics.jsonl, losses.png, samples/
     seed: int = 0  # seed of the weights and the batches
     device: str = "auto"  # 'auto' (cuda, mps, cpu), 'cuda', 'cpu', ...
@@ -351,6 +357,9 @@ def vectors_for(trained, attr_names, device="cpu"):
     """(A, Z): vectors.pt's when made from exactly these weights and complete, else computed and saved."""
     path, config = trained.ckpt.parent / "vectors.pt", trained.config
     saved = load_checkpoint(path) if path.is_file() else {}
+    if saved and not {"weights_hash", "vectors"} <= set(saved):
+        raise InputError(f"{path}: expected the attribute vectors that {SCRIPT} show writes, found "
+                         f"{', '.join(sorted(set(saved) - {'script'}))}; move it away to compute them anew")
     if saved.get("weights_hash") == trained.weights_hash and set(attr_names) <= set(saved["vectors"]):
         return torch.stack([saved["vectors"][n] for n in attr_names])
     names = list(dict.fromkeys([*trained.attr_names, *attr_names]))  # the checkpoint's and those asked
@@ -386,6 +395,8 @@ def show_command(args):
     trained = load(args.ckpt, device := pick_device(args.device))
     config, size, alpha, folder = trained.config, trained.size, trained.alpha, Path(args.out or trained.ckpt.parent)
     attr_names = common.resolve_attrs(args.attrs) if args.attrs else trained.attr_names
+    gifs = [folder / f"lerp_{name}_{word}.gif" for name in attr_names for word in ("add", "remove")] * bool(args.frames)
+    check_writable(folder / "grid.png", trained.ckpt.parent / "vectors.pt", *gifs)  # before any work
     images = common.load_photo(args.image, config["img_size"], None) if args.image else common.to_float(
         common.load_celeba(config["data"], [], "test", config["img_size"], None, verbose=False).images[:args.count])
     vectors = vectors_for(trained, attr_names, device).to(device)
@@ -446,6 +457,7 @@ def train(args):
     data = common.load_celeba(args.data, args.attrs, "train", args.img_size, None)  # the whole frame, squashed
     if len(data.images) < args.batch_size:
         raise InputError(f"{len(data.images)} training images, fewer than --batch-size {args.batch_size}")
+    common.check_attr_rates(data, args.allow_rare_attrs)
     epoch = len(data.images) // args.batch_size  # src/main.py: dcae 1 epoch; pgae 1 per phase, 2 at the end
     phase_steps = args.phase_steps or epoch
     steps = args.steps or (epoch if args.arch == "dcae" else phase_steps * (len(model.sizes) + 2))
@@ -463,7 +475,7 @@ def train(args):
     print(f"Features Changer {args.arch} {' -> '.join(map(str, model.sizes))} px, loss {args.loss}, {len(data.images)} "
           f"training images, steps {first}..{steps} (phases of {phase_steps}), {device}, {args.preset}")
     totals, clock, since = {}, time.time(), first
-    for step in range(first, steps):
+    for step, stop in training_steps(first, steps, out / "ckpt.pt"):  # stop: SIGINT/SIGTERM came
         # ALGO LOGIC: the phase, a batch at its resolution, one update (L_dfc from 32 px up)
         index, alpha = pg_schedule(step, len(model.sizes), phase_steps)
         size = model.sizes[index]
@@ -478,7 +490,7 @@ def train(args):
             record = {"step": done, **{k: v.item() / (done - since) for k, v in totals.items()}, "res": size,
                       "alpha": alpha, "img_per_s": steps_per_s * args.batch_size}
             check_finite(done, record, model)  # FloatingPointError: stop, keep the last checkpoint
-            with open(metrics, "a") as f:
+            with writing(metrics), open(metrics, "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"step {done}/{steps}  {size} px α {alpha:.2f}  loss {record['loss']:.4f}  psnr {record['psnr']:.2f} "
                   f"dB  {record['img_per_s']:.0f} img/s  ETA {(steps - done) / steps_per_s / 60:.1f} min", flush=True)
@@ -487,18 +499,20 @@ def train(args):
             model.eval()
             vectors = attribute_vectors(lambda x: model.encode(F.adaptive_avg_pool2d(x, size), alpha),
                                         data.images, data.labels, SAMPLE_VECTOR_IMAGES, args.seed)[0]
-            common.save_grid(feature_grid(model, samples, vectors, STRENGTH, size, alpha),
-                             out / "samples" / f"step_{done:06d}.png", col_labels=grid_labels(data.attr_names),
-                             title=f"{args.arch} step {done}, {size} px, α {alpha:.2f}")
+            with writing(path := out / "samples" / f"step_{done:06d}.png"):
+                common.save_grid(feature_grid(model, samples, vectors, STRENGTH, size, alpha), path,
+                                 col_labels=grid_labels(data.attr_names),
+                                 title=f"{args.arch} step {done}, {size} px, α {alpha:.2f}")
             model.train()
-        if done % args.ckpt_every == 0 or done == steps:
+        if done % args.ckpt_every == 0 or done == steps or stop:
             check_finite(done, {}, model)  # a diverged run never overwrites the last good checkpoint
             save_checkpoint(out / "ckpt.pt", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done, "config": config,
                 "phase": {"size": size, "alpha": alpha}, "schedule": {"steps": steps, "phase_steps": phase_steps},
                 "attr_names": data.attr_names})
         clock += time.time() - saving  # img/s counts training, not the time spent writing files
-    common.plot_metrics(metrics, out / "losses.png")
+    with writing(out / "losses.png"):
+        common.plot_metrics(metrics, out / "losses.png")
     print(f"done: {out / 'ckpt.pt'}, samples in {out / 'samples'}, losses.png")
     return out
 
@@ -581,7 +595,8 @@ def autocast(device, enabled):
 # Copied from attgan.py
 def claim_run_folder(out, resume):
     """Make `out` this process's run folder before any data loads -> its lock (keep it open). Refused:
-    a file, an unwritable folder, another live run's folder, a run's folder unless --resume."""
+    a file, an unwritable folder, another live run's folder, a run's folder unless --resume. Nothing
+    else is written there before training starts; a crashed save's temporary files are removed."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -591,6 +606,8 @@ def claim_run_folder(out, resume):
         raise InputError(f"--out {out}: another run is writing there; expected a free folder") from None
     except OSError as err:
         raise InputError(f"--out {out}: expected a folder this user can write ({err.strerror})") from None
+    for stale in out.glob("*.[0-9]*.tmp"):  # <file>.<pid>.tmp: no live run writes here (the lock)
+        stale.unlink()
     held = [n for n in ("ckpt.pt", "metrics.jsonl", "samples") if (out / n).exists()]
     if resume and "ckpt.pt" not in held or held and not resume:
         lock.close()
@@ -601,12 +618,47 @@ def claim_run_folder(out, resume):
 
 
 # Copied from attgan.py
-def save_checkpoint(path, state):
-    """Save `state`, tagged with this script's name, to a temporary file, then rename it over `path`
-    (atomic: a crash mid-save keeps the previous checkpoint)."""
+def check_writable(*paths):
+    """Refuse, before the work that produces them, output files in a folder this user cannot write."""
+    for path in map(Path, paths):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path.parent).close()
+        except OSError as err:
+            raise InputError(f"{path}: expected a file this user can write ({err.strerror})") from None
+
+
+# Copied from attgan.py
+@contextlib.contextmanager
+def writing(path, kept=""):
+    """A failed write inside (disk full, quota, read-only) -> an OSError naming `path` and its cause
+    (run_main prints it as one line)."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, f"could not write it ({err.strerror or err}){kept}", str(path)) from None
+
+
+# Copied from attgan.py
+def replace_file(path, data, kept=""):
+    """Write `data` (bytes) to a temporary file, then rename it over `path`: a failed or interrupted
+    write keeps the previous file, and the temporary one is removed."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    torch.save({**state, "script": Path(__file__).name}, tmp)
-    os.replace(tmp, path)
+    with writing(path, kept):
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+# Copied from attgan.py
+def save_checkpoint(path, state):
+    """Save `state`, tagged with this script's name, atomically (serialised in memory first, so that
+    a failed write names its cause: torch.save's own error would not)."""
+    data = io.BytesIO()
+    torch.save({**state, "script": Path(__file__).name}, data)
+    replace_file(path, data.getbuffer(), "; the previous checkpoint is kept")
 
 
 # Copied from attgan.py
@@ -644,16 +696,64 @@ def check_finite(step, stats, *modules):
 
 # Copied from attgan.py
 def trim_jsonl(path, max_step):
-    """On resume, keep the lines logged up to the checkpoint's step, drop a torn one (power lost
-    mid-write) and the later ones (logged again), and replace the file atomically."""
-    kept, tmp = [], f"{path}.{os.getpid()}.tmp"
-    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+    """On resume, keep the lines logged up to the checkpoint's step, drop a torn one (a write cut
+    short) and the later ones (logged again), and replace the file atomically."""
+    if not Path(path).is_file():
+        return  # a fresh run: metrics.jsonl appears with its first line
+    kept = []
+    for line in Path(path).read_text().splitlines():
         try:
             kept += [line + "\n"] if json.loads(line)["step"] <= max_step else []
         except (ValueError, KeyError, TypeError):
             pass
-    Path(tmp).write_text("".join(kept))
-    os.replace(tmp, path)
+    replace_file(path, "".join(kept).encode())
+
+
+# Copied from attgan.py
+def training_steps(start, end, ckpt, resume=True):
+    """range(start, end) as (step, stop): SIGINT and SIGTERM only set a flag meanwhile, read at each
+    step boundary (the DDP ranks agree on it by one all_reduce; a single process never syncs). The
+    loop saves `ckpt` after a `stop` update, then the run ends with one line and exit 130 / 143; a
+    second Ctrl-C meanwhile is ignored, so the save completes."""
+    caught, stop, step = [], False, start - 1
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    previous = {n: signal.signal(n, lambda number, _: caught.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for step in range(start, end):
+            stop = torch.tensor(float(bool(caught)), device="cuda" if ddp and torch.distributed.get_backend()
+                                == "nccl" else "cpu")
+            if ddp:
+                torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX)
+            yield step, bool(stop)
+            if stop:
+                break
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught or stop:  # here, or on another rank
+        number, command = (caught or [signal.SIGTERM])[0], shlex.join(
+            ["python", *sys.argv] + ["--resume"] * (resume and "--resume" not in sys.argv))
+        if ddp:
+            torch.distributed.barrier()  # rank 0 has written the checkpoint
+        if not ddp or torch.distributed.get_rank() == 0:
+            print(f"{signal.Signals(number).name}: stopped after step {step + 1}; {ckpt} holds it; "
+                  + (f"continue with: {command}" if step + 1 < end else "training had finished"), file=sys.stderr)
+        sys.exit(128 + number)
+
+
+# Copied from attgan.py
+def run_main(main):
+    """Run a command line; a refused input, a diverged run or a failed write ends with one line
+    (exit 1), Ctrl-C outside a training loop with its message (exit 130): never a traceback."""
+    try:
+        main()
+    except (InputError, FloatingPointError) as err:
+        sys.exit(f"error: {err}")
+    except OSError as err:
+        sys.exit(f"error: {err.filename + ': ' if err.filename else ''}{err.strerror or err}")
+    except KeyboardInterrupt as err:
+        print(f"interrupted{': ' if str(err) else ''}{err}", file=sys.stderr)
+        sys.exit(130)
 
 
 # Copied from attgan.py
@@ -663,7 +763,4 @@ def is_demo(data):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (InputError, FloatingPointError) as err:  # one clear line, no traceback
-        sys.exit(f"error: {err}")
+    run_main(main)

@@ -60,14 +60,19 @@ Deviations, and why
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import inspect
+import io
 import json
 import math
 import os
 import re
+import shlex
+import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +131,7 @@ class Args:
     sample_every: int = 5000  # write a sample grid every this many steps (and at the end)
     ckpt_every: int = 5000  # write ckpt.pt every this many steps (and at the end)
     resume: bool = False  # continue from <out>/<stage>/ckpt.pt exactly (its configuration must match)
+    allow_rare_attrs: bool = False  # train on attributes present on < 1 % or > 99 % of the training images
     smoke: bool = False  # a tiny end-to-end run on demo:16 (seconds on a CPU); tests use it
 
 
@@ -134,7 +140,8 @@ POSITIVE = ("factor_dim", "img_size", "enc_dim", "dec_dim", "dis_dim", "hidden_d
             "sample_every", "ckpt_every")  # > 0
 PRESETS = {  # applied to the fields the user did not type; the header says what cpu-demo changes
     "smoke": dict(data="demo:16", img_size=32, enc_dim=4, dec_dim=4, dis_dim=4, hidden_dim=32,
-                  batch_size=8, steps=4, log_every=2, sample_every=4, ckpt_every=2),
+                  batch_size=8, steps=4, log_every=2, sample_every=4, ckpt_every=2,
+                  allow_rare_attrs=True),  # demo:16 draws no Gray_Hair
     "cpu-demo": dict(img_size=64, enc_dim=16, dec_dim=16, dis_dim=16, lr=2e-4, lr_dis=8e-4,
                      batch_size=16, steps=400, log_every=50, sample_every=200, ckpt_every=200)}
 RUN_SETTINGS = ("init", "steps", "device", "amp", "preset", "log_every", "sample_every", "ckpt_every",
@@ -613,12 +620,12 @@ def swap(args):
     """Write the factor-swap grid -> its path."""
     if args.out and Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise InputError(f"--out {args.out}: expected a .png or .jpg file name")
+    check_writable(path := Path(args.out or Path(args.ckpt).parent / "swap.png"))
     nets, config, attr_names = load(args.ckpt)
     data = load_split(config["data"], config, attr_names, args.split)
     pairs = min(args.pairs, len(data.images) // 2)  # spread over the split: other people
     images = common.to_float(data.images[torch.linspace(0, len(data.images) - 1, 2 * pairs).long()])
     grid = swap_grid(nets, images[:pairs], images[pairs:], config["stage"])
-    path = Path(args.out or Path(args.ckpt).parent / "swap.png")
     common.save_grid(grid.cpu(), path, row_labels=SWAP_ROWS, col_labels=[f"pair {k}" for k in range(pairs)],
                      title=f"MAD ({config['stage']}): A's factors with one taken from B")
     print(f"wrote {path}")
@@ -656,6 +663,7 @@ def setup_run(args, device):
         raise InputError(f"--resume: the checkpoint is at step {state['step']}; expected a larger --steps")
     data = common.to_device(common.load_celeba(args.data, args.attrs, "train", args.img_size,
                                                args.crop), device)
+    common.check_attr_rates(data, args.allow_rare_attrs)
     factors = build_factors(data, args, is_demo(args.data))
     pairs = None  # after 'ae': batches of same-person pairs, which differ in style where they can, so
     if args.stage != "ae" and factors["identity"] is not None:  # identity has positives, style negatives
@@ -681,13 +689,12 @@ def train(args):
     for name, opt in optimizers.items() if state else ():
         opt.load_state_dict(state[name])
     trim_jsonl(out / "metrics.jsonl", start)
-    (out / "samples").mkdir(exist_ok=True)
     amp_ctx = lambda: autocast(device, args.amp)  # noqa: E731
     sizes = ", ".join(f"{k} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}" for k, m in nets.items())
     print(f"MAD stage {args.stage}, steps {start}..{args.steps}: {args.img_size} px; parameters (M) {sizes}; "
           f"trains {sorted(optimizers)}; {len(data.images)} images; {device}; {args.preset}")
     totals, clock, since = {}, time.time(), start
-    for step in range(start, args.steps):
+    for step, stop in training_steps(start, args.steps, out / "ckpt.pt"):  # stop: SIGINT/SIGTERM came
         # ALGO LOGIC: one batch, one step of the stage. Every random draw is a function of (seed,
         # step, stage): the batch, the generator's draws, and D_z's dropout (the global RNG).
         rng = step_generator(args.seed, step, args.stage)
@@ -703,20 +710,21 @@ def train(args):
             record = {"step": done, **{k: sum(v) / len(v) for k, v in sorted(totals.items())},
                       "img_per_s": steps_per_s * args.batch_size}
             check_finite(done, record, nets)
-            with open(out / "metrics.jsonl", "a") as f:
+            with writing(out / "metrics.jsonl"), open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             print(f"step {done}/{args.steps} [{args.stage}]  " + "  ".join(
                 f"{k} {v:.3f}" for k, v in list(record.items())[1:-1]) + f"  {record['img_per_s']:.0f} "
                 f"img/s  ETA {(args.steps - done) / steps_per_s / 60:.1f} min", flush=True)
             totals, clock, since = {}, time.time(), done
         if done % args.sample_every == 0 or done == args.steps:
-            with amp_ctx():
-                save_samples(nets, samples, args.stage, out / "samples" / f"step_{done:06d}.png")
-        if done % args.ckpt_every == 0 or done == args.steps:
+            with amp_ctx(), writing(path := out / "samples" / f"step_{done:06d}.png"):
+                save_samples(nets, samples, args.stage, path)
+        if done % args.ckpt_every == 0 or done == args.steps or stop:
             check_finite(done, {}, nets)  # a diverged run never overwrites the last good one
             save_checkpoint(out / "ckpt.pt", checkpoint_state(nets, optimizers, done, args, data.attr_names))
         clock += time.time() - saving  # img/s counts training, not the time spent writing files
-    common.plot_metrics(out / "metrics.jsonl", out / "losses.png")
+    with writing(out / "losses.png"):
+        common.plot_metrics(out / "metrics.jsonl", out / "losses.png")
     print(f"done: {out / 'ckpt.pt'}, samples in {out / 'samples'}, losses.png")
     return out
 
@@ -799,7 +807,8 @@ def autocast(device, enabled):
 # Copied from attgan.py
 def claim_run_folder(out, resume):
     """Make `out` this process's run folder before any data loads -> its lock (keep it open). Refused:
-    a file, an unwritable folder, another live run's folder, a run's folder unless --resume."""
+    a file, an unwritable folder, another live run's folder, a run's folder unless --resume. Nothing
+    else is written there before training starts; a crashed save's temporary files are removed."""
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -809,6 +818,8 @@ def claim_run_folder(out, resume):
         raise InputError(f"--out {out}: another run is writing there; expected a free folder") from None
     except OSError as err:
         raise InputError(f"--out {out}: expected a folder this user can write ({err.strerror})") from None
+    for stale in out.glob("*.[0-9]*.tmp"):  # <file>.<pid>.tmp: no live run writes here (the lock)
+        stale.unlink()
     held = [n for n in ("ckpt.pt", "metrics.jsonl", "samples") if (out / n).exists()]
     if resume and "ckpt.pt" not in held or held and not resume:
         lock.close()
@@ -819,12 +830,47 @@ def claim_run_folder(out, resume):
 
 
 # Copied from attgan.py
-def save_checkpoint(path, state):
-    """Save `state`, tagged with this script's name, to a temporary file, then rename it over `path`
-    (atomic: a crash mid-save keeps the previous checkpoint)."""
+def check_writable(*paths):
+    """Refuse, before the work that produces them, output files in a folder this user cannot write."""
+    for path in map(Path, paths):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=path.parent).close()
+        except OSError as err:
+            raise InputError(f"{path}: expected a file this user can write ({err.strerror})") from None
+
+
+# Copied from attgan.py
+@contextlib.contextmanager
+def writing(path, kept=""):
+    """A failed write inside (disk full, quota, read-only) -> an OSError naming `path` and its cause
+    (run_main prints it as one line)."""
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, f"could not write it ({err.strerror or err}){kept}", str(path)) from None
+
+
+# Copied from attgan.py
+def replace_file(path, data, kept=""):
+    """Write `data` (bytes) to a temporary file, then rename it over `path`: a failed or interrupted
+    write keeps the previous file, and the temporary one is removed."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    torch.save({**state, "script": Path(__file__).name}, tmp)
-    os.replace(tmp, path)
+    with writing(path, kept):
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+# Copied from attgan.py
+def save_checkpoint(path, state):
+    """Save `state`, tagged with this script's name, atomically (serialised in memory first, so that
+    a failed write names its cause: torch.save's own error would not)."""
+    data = io.BytesIO()
+    torch.save({**state, "script": Path(__file__).name}, data)
+    replace_file(path, data.getbuffer(), "; the previous checkpoint is kept")
 
 
 # Copied from attgan.py
@@ -862,16 +908,64 @@ def check_finite(step, stats, *modules):
 
 # Copied from attgan.py
 def trim_jsonl(path, max_step):
-    """On resume, keep the lines logged up to the checkpoint's step, drop a torn one (power lost
-    mid-write) and the later ones (logged again), and replace the file atomically."""
-    kept, tmp = [], f"{path}.{os.getpid()}.tmp"
-    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+    """On resume, keep the lines logged up to the checkpoint's step, drop a torn one (a write cut
+    short) and the later ones (logged again), and replace the file atomically."""
+    if not Path(path).is_file():
+        return  # a fresh run: metrics.jsonl appears with its first line
+    kept = []
+    for line in Path(path).read_text().splitlines():
         try:
             kept += [line + "\n"] if json.loads(line)["step"] <= max_step else []
         except (ValueError, KeyError, TypeError):
             pass
-    Path(tmp).write_text("".join(kept))
-    os.replace(tmp, path)
+    replace_file(path, "".join(kept).encode())
+
+
+# Copied from attgan.py
+def training_steps(start, end, ckpt, resume=True):
+    """range(start, end) as (step, stop): SIGINT and SIGTERM only set a flag meanwhile, read at each
+    step boundary (the DDP ranks agree on it by one all_reduce; a single process never syncs). The
+    loop saves `ckpt` after a `stop` update, then the run ends with one line and exit 130 / 143; a
+    second Ctrl-C meanwhile is ignored, so the save completes."""
+    caught, stop, step = [], False, start - 1
+    ddp = torch.distributed.is_available() and torch.distributed.is_initialized()
+    previous = {n: signal.signal(n, lambda number, _: caught.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for step in range(start, end):
+            stop = torch.tensor(float(bool(caught)), device="cuda" if ddp and torch.distributed.get_backend()
+                                == "nccl" else "cpu")
+            if ddp:
+                torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX)
+            yield step, bool(stop)
+            if stop:
+                break
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if caught or stop:  # here, or on another rank
+        number, command = (caught or [signal.SIGTERM])[0], shlex.join(
+            ["python", *sys.argv] + ["--resume"] * (resume and "--resume" not in sys.argv))
+        if ddp:
+            torch.distributed.barrier()  # rank 0 has written the checkpoint
+        if not ddp or torch.distributed.get_rank() == 0:
+            print(f"{signal.Signals(number).name}: stopped after step {step + 1}; {ckpt} holds it; "
+                  + (f"continue with: {command}" if step + 1 < end else "training had finished"), file=sys.stderr)
+        sys.exit(128 + number)
+
+
+# Copied from attgan.py
+def run_main(main):
+    """Run a command line; a refused input, a diverged run or a failed write ends with one line
+    (exit 1), Ctrl-C outside a training loop with its message (exit 130): never a traceback."""
+    try:
+        main()
+    except (InputError, FloatingPointError) as err:
+        sys.exit(f"error: {err}")
+    except OSError as err:
+        sys.exit(f"error: {err.filename + ': ' if err.filename else ''}{err.strerror or err}")
+    except KeyboardInterrupt as err:
+        print(f"interrupted{': ' if str(err) else ''}{err}", file=sys.stderr)
+        sys.exit(130)
 
 
 # Copied from attgan.py
@@ -881,7 +975,4 @@ def is_demo(data):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (InputError, FloatingPointError) as err:  # one clear line, no traceback
-        sys.exit(f"error: {err}")
+    run_main(main)

@@ -1,9 +1,10 @@
 """Every block marked `# Copied from <file>` must be identical to its source, character for character.
 
 The method files duplicate small boilerplate on purpose (a reader opens one file and sees
-everything). The marker goes on the line directly above a top-level `def` or `class`; this test
-finds the definition of the same name in the named file and compares the two source texts
-(docstring and comments included), so a fix made in one copy cannot silently miss the others.
+everything). The marker goes on the line directly above a top-level `def` or `class` (above its
+decorators); this test finds the definition of the same name in the named file and compares the
+two source texts (decorators, docstring and comments included), so a fix made in one copy cannot
+silently miss the others.
 """
 import ast
 import functools
@@ -19,13 +20,14 @@ MARKER = re.compile(r"^# Copied from (\w+\.py)\s*$")
 
 @functools.lru_cache(maxsize=None)
 def top_level_definitions(path):
-    """name -> (source text, first line) of each top-level def/class in `path` (read once per
-    session: ast.get_source_segment re-splits the whole file for every definition)."""
+    """name -> (source text, first line) of each top-level def/class in `path`, its decorators
+    included (read once per session: ast.get_source_segment re-splits the file for every definition)."""
     source = path.read_text()
     lines = source.splitlines(keepends=True)
     tree = ast.parse(source)
-    return {node.name: ("".join(lines[node.lineno - 1:node.end_lineno])[node.col_offset:], node.lineno)
-            for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    nodes = [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+    starts = [min([node.lineno] + [d.lineno for d in node.decorator_list]) for node in nodes]
+    return {node.name: ("".join(lines[start - 1:node.end_lineno]), start) for node, start in zip(nodes, starts)}
 
 
 def marked_copies():
