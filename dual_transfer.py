@@ -368,7 +368,8 @@ def get_classifier(args, data, val, pairs, device):
                                    "optimizer": optimizer.state_dict(), "step": step + 1})
         if (step + 1) % max(args.cls_steps // 5, 1) == 0:
             check_finite(step + 1, stats, classifier)
-            print(f"stage 1: step {step + 1}/{args.cls_steps}  loss {stats['c_loss']:.3f}  acc {stats['c_acc']:.3f}")
+            print(f"stage 1: classifier step {step + 1}/{args.cls_steps}  loss {stats['c_loss']:.3f}  "
+                  f"batch acc {stats['c_acc']:.3f}")
     with torch.no_grad():
         logits = torch.cat([classifier.eval()(to_unit(common.to_float(x.to(device)))).cpu()
                             for x in val.images.split(256)] + [torch.empty(0, len(args.attrs))])

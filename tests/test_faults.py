@@ -119,7 +119,7 @@ def test_dual_transfer_stage_1_stopped_by_a_signal_continues_exactly(dual_transf
     """Stage 1 (the classifier) keeps its step in classifier.pt; the same command continues it (not
     --resume: there is no stage-2 checkpoint yet), and both files end as an uninterrupted run's."""
     out = tmp_path / "run"
-    proc = run_with_fault(cache_env, "dual_transfer.py", "SIGINT", "get_batch", 2, "--smoke", "--out", out)
+    proc = run_with_fault(cache_env, "dual_transfer.py", "SIGINT", "batch_indices", 2, "--smoke", "--out", out)
     name, step, command = stopped(proc, 130, out / "classifier.pt")
     assert step == 3 and command.endswith(f"--smoke --out {out}")
     assert sorted(p.name for p in out.iterdir()) == [".lock", "classifier.pt"]
