@@ -74,6 +74,7 @@ import signal
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -806,14 +807,17 @@ def autocast(device, enabled):
 
 # Copied from attgan.py
 def claim_run_folder(out, resume):
-    """Make `out` this process's run folder before any data loads -> its lock (keep it open). Refused:
-    a file, an unwritable folder, another live run's folder, a run's folder unless --resume. Nothing
-    else is written there before training starts; a crashed save's temporary files are removed."""
+    """Make `out` this process's run folder before any data loads -> its lock: keep a reference, the
+    folder stays locked (the folder itself: no lock file in it) until the lock is dropped, and then
+    the folders made for a run that wrote nothing are removed. Refused: a file, an unwritable
+    folder, another live run's folder, a run's folder unless --resume. Nothing is written there
+    before training starts; a crashed save's temporary files are removed."""
     out = Path(out)
+    made = [p for p in (out, *out.parents) if not p.exists()]  # innermost first
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a")
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the OS drops it when the process ends
+        lock = RunFolderLock(out, made)
+        fcntl.flock(lock.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the OS drops it when the process ends
     except BlockingIOError:
         raise InputError(f"--out {out}: another run is writing there; expected a free folder") from None
     except OSError as err:
@@ -822,11 +826,28 @@ def claim_run_folder(out, resume):
         stale.unlink()
     held = [n for n in ("ckpt.pt", "metrics.jsonl", "samples") if (out / n).exists()]
     if resume and "ckpt.pt" not in held or held and not resume:
-        lock.close()
+        lock.release()
         raise InputError(f"--resume: expected a checkpoint {out / 'ckpt.pt'} to continue" if resume
                          else f"--out {out} holds a run ({', '.join(held)}): continue it with "
                          f"--resume or choose another --out (nothing was changed)")
     return lock
+
+
+# Copied from attgan.py
+class RunFolderLock:
+    """An flock on the run folder itself (no lock file in it), held while this object is referenced;
+    then the folders its claim made are removed if nothing was written into them."""
+
+    def __init__(self, out, made):
+        self.fd = os.open(out, os.O_RDONLY)
+        self.release = weakref.finalize(self, RunFolderLock.unlock, self.fd, made)  # also at exit
+
+    @staticmethod
+    def unlock(fd, made):
+        os.close(fd)
+        for folder in made:  # innermost first; rmdir removes only an empty folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 # Copied from attgan.py

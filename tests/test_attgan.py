@@ -503,10 +503,14 @@ def test_a_second_live_run_in_the_same_folder_is_refused(tmp_path):
     import fcntl
     out = tmp_path / "busy"
     out.mkdir()
-    with open(out / ".lock", "a") as lock:
+    lock = os.open(out, os.O_RDONLY)  # a live run locks the folder itself
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         with pytest.raises(InputError, match="another run is writing there"):
             attgan.main(["--smoke", "--out", str(out)])
+    finally:
+        os.close(lock)
+    assert out.is_dir() and not list(out.iterdir())  # the refused run wrote nothing, removed nothing
 
 
 def test_presets_never_override_what_the_user_typed():
