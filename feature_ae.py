@@ -73,6 +73,7 @@ import signal
 import sys
 import tempfile
 import time
+import types
 import weakref
 from pathlib import Path
 

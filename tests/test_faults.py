@@ -7,11 +7,8 @@ bits), a run refused after its data loaded, and attributes that never vary.
 The signals come from the child itself at an exact point (the `FAULT` driver wraps a function of
 common.py and sends the signal when it is called for the k-th time), so no test waits on a clock.
 """
-import json
-import os
 import re
 import resource
-import shutil
 import signal
 import subprocess
 import sys
