@@ -1,22 +1,27 @@
 """What every method file shares: CelebA in every layout, the synthetic demo CelebA, image output.
 
-Nothing method-specific lives here. The five method files (attgan.py, dual_transfer.py, cgan.py,
-feature_ae.py, mad.py) import this module for exactly three things:
+Nothing method-specific lives here. The file reads from the top down:
 
-1. **Reading CelebA** whatever shape it arrived in (`load_celeba`): the official Google Drive
-   folder (its img_align_celeba.zip read in place, no unzipping), all files side by side, the
-   torchvision folder, the Kaggle copy, a flat csv variant, or the synthetic demo set. Images are
-   decoded, cropped and resized ONCE into a uint8 cache on disk that every run memory-maps (no
-   split is ever copied, so all 202,599 images fit any machine); training batches come from it
-   (`get_batch`): from a GPU copy when the split fits there, else gathered a few steps ahead in a
-   background thread and moved asynchronously, so data loading never limits training.
-2. **The synthetic demo CelebA** (`demo_root`, `make_demo`, `render_counterfactual`): procedurally
-   drawn faces in the official file layout, with identities, pose, expression and landmarks, and
-   the ability to draw the same face with one attribute changed (a ground-truth edit).
-3. **Image output**: labelled grids, GIFs and loss curves (`save_grid`, `save_gif`,
-   `plot_metrics`), built on torchvision's make_grid, matplotlib and PIL.
-
-Command line (a quick look at a dataset, and the CelebA download helper):
+Part 1: what a method file uses (the first screens after the constants below).
+    `load_celeba` reads one split of CelebA, whatever shape it arrived in, as a `FaceData`: the
+    official Google Drive folder (its img_align_celeba.zip read in place, no unzipping), all files
+    side by side, the torchvision folder, the Kaggle copy, a flat csv variant, or the synthetic
+    demo set ('demo', 'demo:N'). `resolve_attrs` and `check_attr_rates` check the attributes asked
+    for; `to_device` and `get_batch` give the training batches (`batch_indices` and
+    `identity_pairs` the indices behind them); `load_photo` reads a user's own photo; `to_float`
+    and `to_uint8` convert pixels; `save_grid`, `save_gif` and `plot_metrics` write labelled
+    grids, GIFs and loss curves (torchvision's make_grid, matplotlib and PIL).
+Part 2: the machinery behind it: layout detection, annotation parsing, preprocessing, the cache,
+    the partition and the batch stream. Images are decoded, cropped and resized ONCE into a uint8
+    cache on disk that every run memory-maps (no split is ever copied, so all 202,599 images fit
+    any machine); batches come from a GPU copy when the split fits there, else they are gathered
+    a few steps ahead in a background thread and moved asynchronously, so data loading never
+    limits training.
+Part 3: the demo faces (`demo_root`, `make_demo`, `render_counterfactual`; `DEMO_ATTRS` lists the
+    attributes drawn): procedurally drawn faces in the official file layout, with identities,
+    pose, expression and landmarks, and the same face drawn again with one attribute changed (a
+    ground-truth edit).
+Part 4: the command line (a quick look at a dataset, and the CelebA download helper):
 
     python common.py info ./celeba            # layout, counts, partitions, attribute rates
     python common.py info demo                # the synthetic set (generated on first use)
@@ -72,8 +77,6 @@ CELEBA_ATTRS = (
 OFFICIAL_SIZE = (218, 178)  # (H, W) of the official aligned images; crops are given in these pixels
 LANDMARK_NAMES = ("lefteye", "righteye", "nose", "leftmouth", "rightmouth")
 SPLITS = ("train", "val", "test", "all")
-CACHE_VERSION = 2  # bump when the cached pixels (or their file format) would change
-ORIENTATION_TAG = 0x0112  # EXIF: how the camera was held
 
 
 class InputError(ValueError):
@@ -81,46 +84,368 @@ class InputError(ValueError):
     it as one line without a traceback."""
 
 
-def cache_root() -> Path:
-    """Where demo sets and uint8 image caches live: $FACE_ATTR_CACHE, else .cache beside this file."""
-    root = Path(os.environ.get("FACE_ATTR_CACHE") or Path(__file__).resolve().parent / ".cache")
-    if root.exists() and not root.is_dir():
-        raise InputError(f"FACE_ATTR_CACHE={root} is a file; expected a folder for the demo sets "
-                         "and image caches (a new or existing folder)")
-    return root
+# ======== Part 1: what a method file uses. A split of CelebA and its batches ======================
+@dataclass
+class FaceData:
+    """One split of a dataset: uint8 images plus per-image annotations.
+
+    `images` is a plain (N, 3, H, W) uint8 tensor: a slice of the memory-mapped disk cache (only
+    the rows read are ever loaded), or a copy on the GPU after to_device. `stream`, set by
+    to_device when the images stay on the host, gathers the next batches in a background thread.
+    """
+    images: torch.Tensor  # (N, 3, H, W) uint8 RGB, cropped and resized
+    labels: torch.Tensor  # (N, A) float32 in {0, 1}, columns = attr_names
+    attr_names: list
+    files: list  # '000123.jpg' for each row
+    identities: torch.Tensor | None  # (N,) int64, None without identity_CelebA
+    landmarks: torch.Tensor | None  # (N, 5, 2) (x, y) in output pixels, None without the file
+    root: Path
+    layout: str
+    split: str
+    img_size: tuple
+    stream: BatchStream | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
-def _cache_error(path, err) -> InputError:
-    """The one line for a cache file or folder that cannot be written (no such folder, read-only,
-    disk full, quota): the path, the cause, and the variable that moves the cache."""
-    where = (f"FACE_ATTR_CACHE={os.environ['FACE_ATTR_CACHE']}" if os.environ.get("FACE_ATTR_CACHE")
-             else f"the cache folder {cache_root()} (FACE_ATTR_CACHE unset)")
-    return InputError(f"cannot write {path} ({err.strerror or err}); nothing partial was kept; "
-                      f"{where} must be a writable folder with room: set FACE_ATTR_CACHE to one")
+def load_celeba(data, attrs=None, split="train", img_size=128, crop=170, verbose=True) -> FaceData:
+    """Load one split of CelebA (any layout, or 'demo' / 'demo:N') as a FaceData.
+
+    data: a folder or 'demo' (200 identities x 30 images) or 'demo:N' (N identities).
+    attrs: attribute names in the order wanted (None = all 40); labels become 0/1 floats.
+    split: 'train' | 'val' | 'test' | 'all'. The official partition is used when it covers the
+        images present and leaves no part empty; otherwise a deterministic identity-disjoint
+        80/10/10 split (fallback_split), with a notice. Rows are sorted by file name within a
+        split; 'all' is train, then val, then test.
+    img_size: int (square) or (H, W). crop: centre crop side in official pixels, None = full frame.
+
+    Only images that exist AND have a label row are used; missing ones, unlabelled ones and
+    corrupt ones are counted in one printed line. The images are a slice of the memory-mapped
+    disk cache (build_cache): loading costs no memory until rows are read.
+    """
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    layout = find_layout(data)
+    header, attr_rows = read_annotation(layout.files["list_attr_celeba"])
+    header = header or list(CELEBA_ATTRS)
+    attr_names = resolve_attrs(attrs if attrs is not None else header, header)
+    columns = [header.index(a) for a in attr_names]
+
+    members = list_images(layout.image_dir)
+    files = sorted(members.keys() & attr_rows.keys())
+    if not files:
+        raise InputError(f"none of the {len(attr_rows)} labelled images is in {layout.image_dir}")
+    identity_of, covered = read_identities(layout, files)
+    part_of, _ = assign_partition(layout, files, identity_of, verbose, split != "all")
+    order = sorted(files, key=lambda f: (part_of[f], f))  # each split: one contiguous block
+    cache = build_cache(layout.image_dir, order, img_size, crop, verbose, members)
+    kept = cache["files"]
+    if verbose:
+        notes = [f"{len(kept)} of {len(attr_rows)} labelled images found in {layout.image_dir}"
+                 f" ({layout.name} layout)"]
+        if len(members) > len(files):
+            notes.append(f"{len(members) - len(files)} unlabelled images ignored")
+        if cache["corrupt"]:
+            notes.append(f"{len(cache['corrupt'])} corrupt images skipped")
+        if identity_of is None and "identity_CelebA" in layout.files:
+            notes.append(f"{layout.files['identity_CelebA'].name} covers only {covered} of "
+                         f"{len(files)} images: identities unused")
+        print("; ".join(notes), file=sys.stderr)
+
+    parts = [part_of[f] for f in kept]  # non-decreasing: the split is rows [lo, hi)
+    lo, hi = (0, len(kept)) if split == "all" else (
+        bisect.bisect_left(parts, SPLITS.index(split)), bisect.bisect_right(parts, SPLITS.index(split)))
+    files = kept[lo:hi]
+    labels = torch.tensor([[float(attr_rows[f][c]) > 0 for c in columns] for f in files],
+                          dtype=torch.float32).reshape(len(files), len(columns))
+    landmarks = None
+    if "list_landmarks_align_celeba" in layout.files:
+        _, rows = read_annotation(layout.files["list_landmarks_align_celeba"])
+        if all(f in rows for f in kept):
+            points = torch.tensor([[float(v) for v in rows[f]] for f in files]).view(-1, 5, 2)
+            landmarks = _map_landmarks(points, cache["orig_sizes"][lo:hi], img_size, crop)
+    return FaceData(
+        images=cache["images"][lo:hi], labels=labels, attr_names=attr_names, files=files,
+        identities=None if identity_of is None else torch.tensor([identity_of[f] for f in files]),
+        landmarks=landmarks, root=layout.root, layout=layout.name, split=split,
+        img_size=_size_hw(img_size))
 
 
-@contextlib.contextmanager
-def _building(tmp, dest, what):
-    """Around filling the temporary folder `tmp` that becomes `dest` once complete: on any failure
-    `tmp` is removed (nothing half-built is left in the way of the next run); Ctrl-C becomes a
-    one-line KeyboardInterrupt, a write failure (OSError) a one-line InputError naming `dest`."""
+def get_batch(data: FaceData, step, batch_size, seed=0, device=None, rank=0, world_size=1,
+              hflip=False, channels_last=False):
+    """Batch `step` of `data` -> (images float in [-1, 1] (B, 3, H, W), labels (B, A), indices (B,)).
+
+    The uint8 rows are gathered where data.images lives (the GPU after to_device when they fit;
+    else from the memory-mapped cache, a few steps ahead by data.stream), moved to `device`
+    asynchronously and converted to float there. hflip mirrors a random half of the batch, drawn
+    from (seed, step) so it is reproducible too.
+    """
+    if device is None:
+        device = data.labels.device if data.stream is not None else data.images.device
+    device = torch.device(device)
+    n = len(data.images)
+    idx = batch_indices(n, step, batch_size, seed, rank, world_size)
+    if data.stream is not None and data.stream.images is data.images:
+        rows = data.stream.take(step, (batch_size, seed, rank, world_size), lambda s: batch_indices(
+            n, s, batch_size, seed, rank, world_size))
+    else:
+        rows = data.images[idx.to(data.images.device)]
+    images = to_float(rows.to(device, non_blocking=True))
+    if hflip:
+        flip = torch.rand(len(idx), generator=torch.Generator().manual_seed(seed * 7919 + step)) < 0.5
+        images = torch.where(flip.to(device).view(-1, 1, 1, 1), images.flip(-1), images)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, data.labels[idx.to(data.labels.device)].to(device, non_blocking=True), idx
+
+
+def to_device(data: FaceData, device, gpu_cache=None, ahead=4) -> FaceData:
+    """Move a FaceData to `device` once: labels, identities and landmarks always; the uint8 images
+    when they fit there, else they stay in the memory-mapped cache and batches stream from it.
+
+    gpu_cache: 'auto' (default; $FACE_ATTR_GPU_CACHE overrides) keeps the images on a GPU when
+    they take under a quarter of its free memory; 'on' always; 'off' never (streamed, also on
+    the CPU, where it gathers batches in a background thread). The rule is checked once here.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    mode = gpu_cache or os.environ.get("FACE_ATTR_GPU_CACHE") or "auto"
+    if mode not in GPU_CACHE_MODES:
+        raise InputError(f"unknown gpu cache mode {mode!r} (FACE_ATTR_GPU_CACHE or gpu_cache); "
+                         f"expected one of {', '.join(GPU_CACHE_MODES)}")
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    small = dict(labels=move(data.labels), identities=move(data.identities),
+                 landmarks=move(data.landmarks))
+    nbytes = data.images.numel() * data.images.element_size()
+    if mode == "off":
+        resident = False
+    elif mode == "on" or data.images.device == device or device.type != "cuda":
+        resident = True  # on the CPU the memory map is already where the batches are made
+    else:
+        free = torch.cuda.mem_get_info(device)[0]
+        resident = nbytes < free / 4
+        if not resident:
+            print(f"note: the {data.split} images ({nbytes / 1e9:.1f} GB) take more than a quarter "
+                  f"of the GPU's {free / 1e9:.1f} GB free: batches stream from the disk cache "
+                  "(FACE_ATTR_GPU_CACHE=on|off to choose)", file=sys.stderr)
+    if not resident:
+        host = data.images.cpu()
+        return dataclasses.replace(data, images=host, stream=BatchStream(
+            host, ahead, pin=device.type == "cuda"), **small)
+    if data.images.device == device:
+        return dataclasses.replace(data, stream=None, **small)
+    images = torch.empty(data.images.shape, dtype=torch.uint8, device=device)
+    for i in range(0, len(images), 4096):  # in blocks: the memory map is read once, in order
+        images[i:i + 4096].copy_(data.images[i:i + 4096])
+    return dataclasses.replace(data, images=images, stream=None, **small)
+
+
+def batch_indices(n, step, batch_size, seed=0, rank=0, world_size=1,
+                  what="training images") -> torch.Tensor:
+    """The image indices of training step `step`: a pure function of its arguments.
+
+    Epoch e walks the permutation seeded by (seed, e) in slices of batch_size * world_size; rank r
+    takes its own slice of each. So a resumed run draws exactly the batches an uninterrupted one
+    would, and DDP ranks never see the same image in a step. The tail of an epoch that does not
+    fill a whole step is dropped.
+    """
+    per_epoch = n // (batch_size * world_size)
+    if per_epoch == 0:
+        ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
+        raise InputError(
+            f"only {n} {what} (what the train/val/test split left of this dataset), fewer than one "
+            f"batch of {batch_size}{ranks}: use --batch-size {max(1, n // world_size)} or less, or "
+            "more images (a folder of few identities keeps about 80 % of them for training)")
+    epoch, position = divmod(step, per_epoch)
+    start = (position * world_size + rank) * batch_size
+    return _epoch_permutation(n, seed, epoch)[start:start + batch_size]
+
+
+def identity_pairs(identities, labels=None, require_diff=True, max_pairs=None, seed=0) -> torch.Tensor:
+    """All pairs (i, j), i < j, of two different images of the same person -> LongTensor (P, 2).
+
+    With `labels` and require_diff, only pairs whose labels differ in at least one column are kept
+    (the Dual Training paper's down-sampling: each pair then teaches an attribute change).
+    max_pairs keeps a random subset (deterministic by seed).
+    """
+    if identities is None:
+        raise InputError("identity pairs need identity_CelebA.txt (from the official CelebA "
+                         "release's Anno folder); this dataset has no identity file")
+    ids = identities.cpu()
+    order = torch.argsort(ids, stable=True)
+    _, counts = torch.unique_consecutive(ids[order], return_counts=True)
+    pairs = [torch.combinations(group, 2) for group in torch.split(order, counts.tolist())
+             if len(group) > 1]
+    pairs = torch.cat(pairs) if pairs else torch.empty((0, 2), dtype=torch.long)
+    pairs = pairs.sort(dim=1).values
+    if labels is not None and require_diff and len(pairs):
+        lab = labels.cpu()
+        pairs = pairs[(lab[pairs[:, 0]] != lab[pairs[:, 1]]).any(dim=1)]
+    if max_pairs is not None and len(pairs) > max_pairs:
+        keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:max_pairs]
+        pairs = pairs[keep.sort().values]
+    return pairs
+
+
+# ======== Part 1: attribute names, checked ========================================================
+def resolve_attrs(names, available=CELEBA_ATTRS) -> list[str]:
+    """Attribute names, any case -> the same names as `available` spells them, in the order given;
+    an unknown name raises an InputError that suggests the closest valid name and lists them all."""
+    by_lower = {a.lower(): a for a in available}
+    resolved = []
+    for name in names:
+        if name.lower() not in by_lower:
+            close = difflib.get_close_matches(name, list(available), n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise InputError(f"unknown attribute {name!r}{hint}; valid names: {', '.join(available)}")
+        resolved.append(by_lower[name.lower()])
+    return resolved
+
+
+def check_attr_rates(data, allow=False, low=0.01) -> list[str]:
+    """A training split's attr_names, refused where an attribute cannot be learned: present on fewer
+    than `low` or more than 1 - `low` of its images (constant ones included), each named with its
+    rate; with `allow`, only said on stderr."""
+    n, present = len(data.labels), data.labels.sum(0).tolist()  # counts: 2 of 200 is 1 %, not 0.99999 %
+    rare = [f"{name} on {k / n:.1%}" for name, k in zip(data.attr_names, present) if min(k, n - k) < low * n]
+    if rare and not allow:
+        raise InputError(f"--attrs: {', '.join(rare)} of the {len(data.labels)} training images; expected "
+                         f"attributes present on {low:.0%} to {1 - low:.0%} (--allow-rare-attrs trains anyway)")
+    if rare:
+        print(f"note: rare attributes, trained anyway: {', '.join(rare)}", file=sys.stderr)
+    return data.attr_names
+
+
+# ======== Part 1: pixels in and out: a user's photo, uint8 <-> [-1, 1] ============================
+def load_photo(path, img_size=128, crop=170) -> torch.Tensor:
+    """A user's own photo (jpg/png, any size) -> (1, 3, h, w) float in [-1, 1].
+
+    An image with CelebA's aligned aspect ratio (178:218, within 3 %) gets exactly the training
+    crop. Any other photo gets a centre square crop of its short side: put the face in the middle,
+    filling most of the frame, for results like the training data's. The camera's EXIF
+    orientation is applied first (phone photos are often stored sideways), and 16-bit images are
+    scaled to 8 bits.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image not found: {path} (expected a .jpg or .png file)")
     try:
-        yield
-    except KeyboardInterrupt:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise KeyboardInterrupt(f"interrupted while building {what}; nothing partial was kept; "
-                                "the same command starts it again") from None
-    except OSError as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _cache_error(dest, err) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with Image.open(path) as image:  # decoded inside preprocess, exactly as the cache does
+            if image.getexif().get(ORIENTATION_TAG, 1) != 1:
+                image = ImageOps.exif_transpose(image)
+            width, height = image.size
+            if abs(width / height - OFFICIAL_SIZE[1] / OFFICIAL_SIZE[0]) > 0.03 * width / height:
+                side = min(width, height)  # not CelebA-aligned: square centre crop
+                image = image.crop(((width - side) // 2, (height - side) // 2,
+                                    (width + side) // 2, (height + side) // 2))
+                crop = None if crop is None else OFFICIAL_SIZE[1]
+            return to_float(preprocess(image, img_size, crop)).unsqueeze(0)
+    except Image.DecompressionBombError as err:
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        raise InputError(f"image too large: {path} ({int(pixels[1]) if pixels else 0:,} pixels; "
+                         f"PIL refuses more than {2 * Image.MAX_IMAGE_PIXELS:,}): save a smaller "
+                         "copy (a face photo needs no more than about 1000x1000)") from err
+    except (OSError, SyntaxError) as err:
+        raise InputError(f"cannot read image {path}: {err} (expected a .jpg or .png file)") from err
 
 
-# ------------------------------------------------------------------------------------------------
-# Finding the files: every layout people download, detected automatically
-# ------------------------------------------------------------------------------------------------
+def to_float(images) -> torch.Tensor:
+    """uint8 in [0, 255] -> float32 in [-1, 1]."""
+    return images.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images) -> torch.Tensor:
+    """float in [-1, 1] -> uint8 in [0, 255] (clamped, rounded)."""
+    return images.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+# ======== Part 1: image output: labelled grids, GIFs, loss curves =================================
+def save_grid(images, path, row_labels=None, col_labels=None, title=None):
+    """Save a grid of images in [-1, 1] as a PNG: `images` is (R, C, 3, H, W) (or a list of R lists
+    of C (3, H, W) tensors). Row and column labels, when given, are drawn around it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid, save_image
+
+    if not isinstance(images, torch.Tensor):
+        images = torch.stack([torch.stack(list(row)) for row in images])
+    rows, cols, _, h, w = images.shape
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = images.detach().float().cpu().reshape(rows * cols, 3, h, w).add(1).div(2).clamp(0, 1)
+    grid = make_grid(flat, nrow=cols, padding=2, pad_value=1.0)
+    if row_labels is None and col_labels is None and title is None:
+        save_image(grid, path)
+        return
+    zoom = max(1, 96 // h)  # small images are shown larger so the labels stay readable
+    gh, gw = grid.shape[1] * zoom, grid.shape[2] * zoom
+    dpi = 100
+    left = 1.4 if row_labels is not None else 0.1
+    top = 0.9 if col_labels is not None else 0.1
+    top += 0.3 if title else 0
+    fig = plt.figure(figsize=(gw / dpi + left + 0.1, gh / dpi + top + 0.1), dpi=dpi)
+    ax = fig.add_axes((left / fig.get_figwidth(), 0.1 / fig.get_figheight(),
+                       gw / dpi / fig.get_figwidth(), gh / dpi / fig.get_figheight()))
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest", extent=(0, gw, gh, 0))
+    step_x, step_y = (w + 2) * zoom, (h + 2) * zoom
+    ax.set_xticks([2 * zoom + step_x * c + w * zoom / 2 for c in range(cols)],
+                  list(col_labels) if col_labels is not None else [""] * cols)
+    ax.set_yticks([2 * zoom + step_y * r + h * zoom / 2 for r in range(rows)],
+                  list(row_labels) if row_labels is not None else [""] * rows)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0, labelsize=8)
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="left")
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=10, y=1 - 0.05 / fig.get_figheight())
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.05)  # crop unused margins
+    plt.close(fig)
+
+
+def save_gif(frames, path, fps=8, scale=1):
+    """Save frames (T, 3, H, W) in [-1, 1] as a looping GIF (PIL), optionally upscaled."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pictures = []
+    for frame in frames:
+        picture = Image.fromarray(to_uint8(frame.cpu()).permute(1, 2, 0).numpy())
+        if scale != 1:
+            picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+        pictures.append(picture)
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=round(1000 / fps),
+                     loop=0, disposal=1)
+
+
+def plot_metrics(jsonl_path, png_path, keys=None):
+    """Write png_path: every numeric key of metrics.jsonl (or `keys`) against 'step', one panel each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_jsonl(jsonl_path)
+    if keys is None:
+        keys = sorted({k for r in records for k, v in r.items()
+                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    cols = min(3, max(1, len(keys)))
+    rows = max(1, math.ceil(len(keys) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), lw=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+# ======== Part 2: machinery. Finding the files: every layout, detected automatically ==============
 # Each layout is (name, image folder, folders holding the annotation files), relative to --data;
 # the first that matches wins. Wherever a layout expects the image folder, `<folder>.zip` (the
 # official img_align_celeba.zip, not yet unpacked) is read in place; when both exist, whichever
@@ -140,6 +465,7 @@ ANNOTATIONS = {  # stem -> what it holds
     "list_landmarks_align_celeba": "5 landmarks in the aligned images",
     "list_bbox_celeba": "face boxes (of the in-the-wild images)",
 }
+
 # stem -> (values per row when the file has no header, what each value must be)
 ANNOTATION_VALUES = {
     "list_attr_celeba": (len(CELEBA_ATTRS), "binary"),
@@ -277,40 +603,10 @@ def read_annotation(path) -> tuple[list[str], dict[str, list[str]]]:
     return header, rows
 
 
-# ------------------------------------------------------------------------------------------------
-# Attribute names
-# ------------------------------------------------------------------------------------------------
-def resolve_attrs(names, available=CELEBA_ATTRS) -> list[str]:
-    """Check attribute names (case-insensitive), in the order given; an unknown name raises an
-    InputError that suggests the closest valid name and lists them all."""
-    by_lower = {a.lower(): a for a in available}
-    resolved = []
-    for name in names:
-        if name.lower() not in by_lower:
-            close = difflib.get_close_matches(name, list(available), n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise InputError(f"unknown attribute {name!r}{hint}; valid names: {', '.join(available)}")
-        resolved.append(by_lower[name.lower()])
-    return resolved
+# ======== Part 2: preprocessing: one function for the cache, direct decodes and a photo ===========
+ORIENTATION_TAG = 0x0112  # EXIF: how the camera was held
 
 
-def check_attr_rates(data, allow=False, low=0.01) -> list[str]:
-    """A training split's attr_names, refused where an attribute cannot be learned: present on fewer
-    than `low` or more than 1 - `low` of its images (constant ones included), each named with its
-    rate; with `allow`, only said on stderr."""
-    n, present = len(data.labels), data.labels.sum(0).tolist()  # counts: 2 of 200 is 1 %, not 0.99999 %
-    rare = [f"{name} on {k / n:.1%}" for name, k in zip(data.attr_names, present) if min(k, n - k) < low * n]
-    if rare and not allow:
-        raise InputError(f"--attrs: {', '.join(rare)} of the {len(data.labels)} training images; expected "
-                         f"attributes present on {low:.0%} to {1 - low:.0%} (--allow-rare-attrs trains anyway)")
-    if rare:
-        print(f"note: rare attributes, trained anyway: {', '.join(rare)}", file=sys.stderr)
-    return data.attr_names
-
-
-# ------------------------------------------------------------------------------------------------
-# Preprocessing: one function used by the cache, direct decodes and a user's own photo
-# ------------------------------------------------------------------------------------------------
 def crop_box(width, height, crop=170) -> tuple[float, float, float, float]:
     """The centre square crop, given in official 178-px-wide pixels and scaled to this image's
     width, as a (left, top, right, bottom) box in float pixels; crop=None keeps the full frame."""
@@ -370,51 +666,47 @@ def _decode(opened, img_size, crop):
         return None
 
 
-def load_photo(path, img_size=128, crop=170) -> torch.Tensor:
-    """A user's own photo (jpg/png, any size) -> (1, 3, h, w) float in [-1, 1].
+# ======== Part 2: the uint8 cache on disk: decode + crop + resize once, memory-map it after =======
+CACHE_VERSION = 2  # bump when the cached pixels (or their file format) would change
 
-    An image with CelebA's aligned aspect ratio (178:218, within 3 %) gets exactly the training
-    crop. Any other photo gets a centre square crop of its short side: put the face in the middle,
-    filling most of the frame, for results like the training data's. The camera's EXIF
-    orientation is applied first (phone photos are often stored sideways), and 16-bit images are
-    scaled to 8 bits.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"image not found: {path} (expected a .jpg or .png file)")
+
+def cache_root() -> Path:
+    """Where demo sets and uint8 image caches live: $FACE_ATTR_CACHE, else .cache beside this file."""
+    root = Path(os.environ.get("FACE_ATTR_CACHE") or Path(__file__).resolve().parent / ".cache")
+    if root.exists() and not root.is_dir():
+        raise InputError(f"FACE_ATTR_CACHE={root} is a file; expected a folder for the demo sets "
+                         "and image caches (a new or existing folder)")
+    return root
+
+
+def _cache_error(path, err) -> InputError:
+    """The one line for a cache file or folder that cannot be written (no such folder, read-only,
+    disk full, quota): the path, the cause, and the variable that moves the cache."""
+    where = (f"FACE_ATTR_CACHE={os.environ['FACE_ATTR_CACHE']}" if os.environ.get("FACE_ATTR_CACHE")
+             else f"the cache folder {cache_root()} (FACE_ATTR_CACHE unset)")
+    return InputError(f"cannot write {path} ({err.strerror or err}); nothing partial was kept; "
+                      f"{where} must be a writable folder with room: set FACE_ATTR_CACHE to one")
+
+
+@contextlib.contextmanager
+def _building(tmp, dest, what):
+    """Around filling the temporary folder `tmp` that becomes `dest` once complete: on any failure
+    `tmp` is removed (nothing half-built is left in the way of the next run); Ctrl-C becomes a
+    one-line KeyboardInterrupt, a write failure (OSError) a one-line InputError naming `dest`."""
     try:
-        with Image.open(path) as image:  # decoded inside preprocess, exactly as the cache does
-            if image.getexif().get(ORIENTATION_TAG, 1) != 1:
-                image = ImageOps.exif_transpose(image)
-            width, height = image.size
-            if abs(width / height - OFFICIAL_SIZE[1] / OFFICIAL_SIZE[0]) > 0.03 * width / height:
-                side = min(width, height)  # not CelebA-aligned: square centre crop
-                image = image.crop(((width - side) // 2, (height - side) // 2,
-                                    (width + side) // 2, (height + side) // 2))
-                crop = None if crop is None else OFFICIAL_SIZE[1]
-            return to_float(preprocess(image, img_size, crop)).unsqueeze(0)
-    except Image.DecompressionBombError as err:
-        pixels = re.search(r"\((\d+) pixels\)", str(err))
-        raise InputError(f"image too large: {path} ({int(pixels[1]) if pixels else 0:,} pixels; "
-                         f"PIL refuses more than {2 * Image.MAX_IMAGE_PIXELS:,}): save a smaller "
-                         "copy (a face photo needs no more than about 1000x1000)") from err
-    except (OSError, SyntaxError) as err:
-        raise InputError(f"cannot read image {path}: {err} (expected a .jpg or .png file)") from err
+        yield
+    except KeyboardInterrupt:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise KeyboardInterrupt(f"interrupted while building {what}; nothing partial was kept; "
+                                "the same command starts it again") from None
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _cache_error(dest, err) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
-def to_float(images) -> torch.Tensor:
-    """uint8 in [0, 255] -> float32 in [-1, 1]."""
-    return images.float().div(127.5).sub(1.0)
-
-
-def to_uint8(images) -> torch.Tensor:
-    """float in [-1, 1] -> uint8 in [0, 255] (clamped, rounded)."""
-    return images.detach().float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-
-
-# ------------------------------------------------------------------------------------------------
-# The uint8 cache on disk: decode + crop + resize once, memory-map it in every later run
-# ------------------------------------------------------------------------------------------------
 # A cache is a folder cache_root()/images/<key>/ with pixels.u8 (N x 3 x h x w uint8, row-major,
 # no header) and index.json (shape, kept file names, original sizes, corrupt names). Its rows are
 # in the order load_celeba asks for: train, then val, then test, so every split is one contiguous
@@ -578,30 +870,7 @@ def build_cache(source, files, img_size, crop, verbose=True, members=None) -> di
     return cache
 
 
-# ------------------------------------------------------------------------------------------------
-# Loading a split
-# ------------------------------------------------------------------------------------------------
-@dataclass
-class FaceData:
-    """One split of a dataset: uint8 images plus per-image annotations.
-
-    `images` is a plain (N, 3, H, W) uint8 tensor: a slice of the memory-mapped disk cache (only
-    the rows read are ever loaded), or a copy on the GPU after to_device. `stream`, set by
-    to_device when the images stay on the host, gathers the next batches in a background thread.
-    """
-    images: torch.Tensor  # (N, 3, H, W) uint8 RGB, cropped and resized
-    labels: torch.Tensor  # (N, A) float32 in {0, 1}, columns = attr_names
-    attr_names: list
-    files: list  # '000123.jpg' for each row
-    identities: torch.Tensor | None  # (N,) int64, None without identity_CelebA
-    landmarks: torch.Tensor | None  # (N, 5, 2) (x, y) in output pixels, None without the file
-    root: Path
-    layout: str
-    split: str
-    img_size: tuple
-    stream: BatchStream | None = dataclasses.field(default=None, repr=False, compare=False)
-
-
+# ======== Part 2: a split's partition, identities and landmarks ===================================
 def fallback_split(files, identities, seed=0) -> list[str]:
     """A deterministic 80/10/10 train/val/test assignment. With identities, whole identities are
     assigned (shuffled by `seed`, filling train to 80 % of the images, then val to 90 %), so no
@@ -666,72 +935,7 @@ def assign_partition(layout, files, identities, verbose=False, say_split=True) -
     return {f: names.index(p) for f, p in zip(files, fallback_split(files, ids))}, "fallback"
 
 
-def load_celeba(data, attrs=None, split="train", img_size=128, crop=170, verbose=True) -> FaceData:
-    """Load one split of CelebA (any layout, or 'demo' / 'demo:N') as a FaceData.
-
-    data: a folder or 'demo' (200 identities x 30 images) or 'demo:N' (N identities).
-    attrs: attribute names in the order wanted (None = all 40); labels become 0/1 floats.
-    split: 'train' | 'val' | 'test' | 'all'. The official partition is used when it covers the
-        images present and leaves no part empty; otherwise a deterministic identity-disjoint
-        80/10/10 split (fallback_split), with a notice. Rows are sorted by file name within a
-        split; 'all' is train, then val, then test.
-    img_size: int (square) or (H, W). crop: centre crop side in official pixels, None = full frame.
-
-    Only images that exist AND have a label row are used; missing ones, unlabelled ones and
-    corrupt ones are counted in one printed line. The images are a slice of the memory-mapped
-    disk cache (build_cache): loading costs no memory until rows are read.
-    """
-    if split not in SPLITS:
-        raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-    layout = find_layout(data)
-    header, attr_rows = read_annotation(layout.files["list_attr_celeba"])
-    header = header or list(CELEBA_ATTRS)
-    attr_names = resolve_attrs(attrs if attrs is not None else header, header)
-    columns = [header.index(a) for a in attr_names]
-
-    members = list_images(layout.image_dir)
-    files = sorted(members.keys() & attr_rows.keys())
-    if not files:
-        raise InputError(f"none of the {len(attr_rows)} labelled images is in {layout.image_dir}")
-    identity_of, covered = read_identities(layout, files)
-    part_of, _ = assign_partition(layout, files, identity_of, verbose, split != "all")
-    order = sorted(files, key=lambda f: (part_of[f], f))  # each split: one contiguous block
-    cache = build_cache(layout.image_dir, order, img_size, crop, verbose, members)
-    kept = cache["files"]
-    if verbose:
-        notes = [f"{len(kept)} of {len(attr_rows)} labelled images found in {layout.image_dir}"
-                 f" ({layout.name} layout)"]
-        if len(members) > len(files):
-            notes.append(f"{len(members) - len(files)} unlabelled images ignored")
-        if cache["corrupt"]:
-            notes.append(f"{len(cache['corrupt'])} corrupt images skipped")
-        if identity_of is None and "identity_CelebA" in layout.files:
-            notes.append(f"{layout.files['identity_CelebA'].name} covers only {covered} of "
-                         f"{len(files)} images: identities unused")
-        print("; ".join(notes), file=sys.stderr)
-
-    parts = [part_of[f] for f in kept]  # non-decreasing: the split is rows [lo, hi)
-    lo, hi = (0, len(kept)) if split == "all" else (
-        bisect.bisect_left(parts, SPLITS.index(split)), bisect.bisect_right(parts, SPLITS.index(split)))
-    files = kept[lo:hi]
-    labels = torch.tensor([[float(attr_rows[f][c]) > 0 for c in columns] for f in files],
-                          dtype=torch.float32).reshape(len(files), len(columns))
-    landmarks = None
-    if "list_landmarks_align_celeba" in layout.files:
-        _, rows = read_annotation(layout.files["list_landmarks_align_celeba"])
-        if all(f in rows for f in kept):
-            points = torch.tensor([[float(v) for v in rows[f]] for f in files]).view(-1, 5, 2)
-            landmarks = _map_landmarks(points, cache["orig_sizes"][lo:hi], img_size, crop)
-    return FaceData(
-        images=cache["images"][lo:hi], labels=labels, attr_names=attr_names, files=files,
-        identities=None if identity_of is None else torch.tensor([identity_of[f] for f in files]),
-        landmarks=landmarks, root=layout.root, layout=layout.name, split=split,
-        img_size=_size_hw(img_size))
-
-
-# ------------------------------------------------------------------------------------------------
-# Batches: on the GPU when the split fits there, else streamed from the disk cache
-# ------------------------------------------------------------------------------------------------
+# ======== Part 2: the batch stream, and the order of the batches ==================================
 GPU_CACHE_MODES = ("auto", "on", "off")
 
 
@@ -762,227 +966,19 @@ class BatchStream:
         return future.result() if future is not None else self.gather(indices_of(step))
 
 
-def to_device(data: FaceData, device, gpu_cache=None, ahead=4) -> FaceData:
-    """Move a FaceData to `device` once: labels, identities and landmarks always; the uint8 images
-    when they fit there, else they stay in the memory-mapped cache and batches stream from it.
-
-    gpu_cache: 'auto' (default; $FACE_ATTR_GPU_CACHE overrides) keeps the images on a GPU when
-    they take under a quarter of its free memory; 'on' always; 'off' never (streamed, also on
-    the CPU, where it gathers batches in a background thread). The rule is checked once here.
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    mode = gpu_cache or os.environ.get("FACE_ATTR_GPU_CACHE") or "auto"
-    if mode not in GPU_CACHE_MODES:
-        raise InputError(f"unknown gpu cache mode {mode!r} (FACE_ATTR_GPU_CACHE or gpu_cache); "
-                         f"expected one of {', '.join(GPU_CACHE_MODES)}")
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    small = dict(labels=move(data.labels), identities=move(data.identities),
-                 landmarks=move(data.landmarks))
-    nbytes = data.images.numel() * data.images.element_size()
-    if mode == "off":
-        resident = False
-    elif mode == "on" or data.images.device == device or device.type != "cuda":
-        resident = True  # on the CPU the memory map is already where the batches are made
-    else:
-        free = torch.cuda.mem_get_info(device)[0]
-        resident = nbytes < free / 4
-        if not resident:
-            print(f"note: the {data.split} images ({nbytes / 1e9:.1f} GB) take more than a quarter "
-                  f"of the GPU's {free / 1e9:.1f} GB free: batches stream from the disk cache "
-                  "(FACE_ATTR_GPU_CACHE=on|off to choose)", file=sys.stderr)
-    if not resident:
-        host = data.images.cpu()
-        return dataclasses.replace(data, images=host, stream=BatchStream(
-            host, ahead, pin=device.type == "cuda"), **small)
-    if data.images.device == device:
-        return dataclasses.replace(data, stream=None, **small)
-    images = torch.empty(data.images.shape, dtype=torch.uint8, device=device)
-    for i in range(0, len(images), 4096):  # in blocks: the memory map is read once, in order
-        images[i:i + 4096].copy_(data.images[i:i + 4096])
-    return dataclasses.replace(data, images=images, stream=None, **small)
-
-
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def batch_indices(n, step, batch_size, seed=0, rank=0, world_size=1,
-                  what="training images") -> torch.Tensor:
-    """The image indices of training step `step`: a pure function of its arguments.
-
-    Epoch e walks the permutation seeded by (seed, e) in slices of batch_size * world_size; rank r
-    takes its own slice of each. So a resumed run draws exactly the batches an uninterrupted one
-    would, and DDP ranks never see the same image in a step. The tail of an epoch that does not
-    fill a whole step is dropped.
-    """
-    per_epoch = n // (batch_size * world_size)
-    if per_epoch == 0:
-        ranks = f" on each of {world_size} ranks" if world_size > 1 else ""
-        raise InputError(
-            f"only {n} {what} (what the train/val/test split left of this dataset), fewer than one "
-            f"batch of {batch_size}{ranks}: use --batch-size {max(1, n // world_size)} or less, or "
-            "more images (a folder of few identities keeps about 80 % of them for training)")
-    epoch, position = divmod(step, per_epoch)
-    start = (position * world_size + rank) * batch_size
-    return _epoch_permutation(n, seed, epoch)[start:start + batch_size]
-
-
-def get_batch(data: FaceData, step, batch_size, seed=0, device=None, rank=0, world_size=1,
-              hflip=False, channels_last=False):
-    """Batch `step` of `data` -> (images float in [-1, 1] (B, 3, H, W), labels (B, A), indices (B,)).
-
-    The uint8 rows are gathered where data.images lives (the GPU after to_device when they fit;
-    else from the memory-mapped cache, a few steps ahead by data.stream), moved to `device`
-    asynchronously and converted to float there. hflip mirrors a random half of the batch, drawn
-    from (seed, step) so it is reproducible too.
-    """
-    if device is None:
-        device = data.labels.device if data.stream is not None else data.images.device
-    device = torch.device(device)
-    n = len(data.images)
-    idx = batch_indices(n, step, batch_size, seed, rank, world_size)
-    if data.stream is not None and data.stream.images is data.images:
-        rows = data.stream.take(step, (batch_size, seed, rank, world_size), lambda s: batch_indices(
-            n, s, batch_size, seed, rank, world_size))
-    else:
-        rows = data.images[idx.to(data.images.device)]
-    images = to_float(rows.to(device, non_blocking=True))
-    if hflip:
-        flip = torch.rand(len(idx), generator=torch.Generator().manual_seed(seed * 7919 + step)) < 0.5
-        images = torch.where(flip.to(device).view(-1, 1, 1, 1), images.flip(-1), images)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, data.labels[idx.to(data.labels.device)].to(device, non_blocking=True), idx
-
-
-def identity_pairs(identities, labels=None, require_diff=True, max_pairs=None, seed=0) -> torch.Tensor:
-    """All pairs (i, j), i < j, of two different images of the same person -> LongTensor (P, 2).
-
-    With `labels` and require_diff, only pairs whose labels differ in at least one column are kept
-    (the Dual Training paper's down-sampling: each pair then teaches an attribute change).
-    max_pairs keeps a random subset (deterministic by seed).
-    """
-    if identities is None:
-        raise InputError("identity pairs need identity_CelebA.txt (from the official CelebA "
-                         "release's Anno folder); this dataset has no identity file")
-    ids = identities.cpu()
-    order = torch.argsort(ids, stable=True)
-    _, counts = torch.unique_consecutive(ids[order], return_counts=True)
-    pairs = [torch.combinations(group, 2) for group in torch.split(order, counts.tolist())
-             if len(group) > 1]
-    pairs = torch.cat(pairs) if pairs else torch.empty((0, 2), dtype=torch.long)
-    pairs = pairs.sort(dim=1).values
-    if labels is not None and require_diff and len(pairs):
-        lab = labels.cpu()
-        pairs = pairs[(lab[pairs[:, 0]] != lab[pairs[:, 1]]).any(dim=1)]
-    if max_pairs is not None and len(pairs) > max_pairs:
-        keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed))[:max_pairs]
-        pairs = pairs[keep.sort().values]
-    return pairs
-
-
-# ------------------------------------------------------------------------------------------------
-# Image output: labelled grids, GIFs, loss curves
-# ------------------------------------------------------------------------------------------------
-def save_grid(images, path, row_labels=None, col_labels=None, title=None):
-    """Save a grid of images in [-1, 1] as a PNG: `images` is (R, C, 3, H, W) (or a list of R lists
-    of C (3, H, W) tensors). Row and column labels, when given, are drawn around it."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid, save_image
-
-    if not isinstance(images, torch.Tensor):
-        images = torch.stack([torch.stack(list(row)) for row in images])
-    rows, cols, _, h, w = images.shape
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flat = images.detach().float().cpu().reshape(rows * cols, 3, h, w).add(1).div(2).clamp(0, 1)
-    grid = make_grid(flat, nrow=cols, padding=2, pad_value=1.0)
-    if row_labels is None and col_labels is None and title is None:
-        save_image(grid, path)
-        return
-    zoom = max(1, 96 // h)  # small images are shown larger so the labels stay readable
-    gh, gw = grid.shape[1] * zoom, grid.shape[2] * zoom
-    dpi = 100
-    left = 1.4 if row_labels is not None else 0.1
-    top = 0.9 if col_labels is not None else 0.1
-    top += 0.3 if title else 0
-    fig = plt.figure(figsize=(gw / dpi + left + 0.1, gh / dpi + top + 0.1), dpi=dpi)
-    ax = fig.add_axes((left / fig.get_figwidth(), 0.1 / fig.get_figheight(),
-                       gw / dpi / fig.get_figwidth(), gh / dpi / fig.get_figheight()))
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest", extent=(0, gw, gh, 0))
-    step_x, step_y = (w + 2) * zoom, (h + 2) * zoom
-    ax.set_xticks([2 * zoom + step_x * c + w * zoom / 2 for c in range(cols)],
-                  list(col_labels) if col_labels is not None else [""] * cols)
-    ax.set_yticks([2 * zoom + step_y * r + h * zoom / 2 for r in range(rows)],
-                  list(row_labels) if row_labels is not None else [""] * rows)
-    ax.xaxis.tick_top()
-    ax.tick_params(length=0, labelsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="left")
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    if title:
-        fig.suptitle(title, fontsize=10, y=1 - 0.05 / fig.get_figheight())
-    fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.05)  # crop unused margins
-    plt.close(fig)
-
-
-def save_gif(frames, path, fps=8, scale=1):
-    """Save frames (T, 3, H, W) in [-1, 1] as a looping GIF (PIL), optionally upscaled."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pictures = []
-    for frame in frames:
-        picture = Image.fromarray(to_uint8(frame.cpu()).permute(1, 2, 0).numpy())
-        if scale != 1:
-            picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
-        pictures.append(picture)
-    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=round(1000 / fps),
-                     loop=0, disposal=1)
-
-
+# ======== Part 2: metrics.jsonl, as plot_metrics reads it =========================================
 def read_jsonl(path) -> list[dict]:
     """Read a JSON-lines file (e.g. metrics.jsonl) into a list of dicts."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(jsonl_path, png_path, keys=None):
-    """Plot every numeric key of metrics.jsonl (or `keys`) against 'step', one panel each."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_jsonl(jsonl_path)
-    if keys is None:
-        keys = sorted({k for r in records for k, v in r.items()
-                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)})
-    cols = min(3, max(1, len(keys)))
-    rows = max(1, math.ceil(len(keys) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points), lw=1)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.tight_layout()
-    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-
-
-
-# ------------------------------------------------------------------------------------------------
-# The synthetic demo CelebA
-# ------------------------------------------------------------------------------------------------
+# ======== Part 3: the demo faces, the synthetic CelebA ============================================
 # Procedurally drawn faces in the official file layout, so every method runs in minutes on a CPU
 # without the 1.4 GB download, and the same loader (and torchvision's CelebA class) reads them.
 # Each image is a pure function of its parameters (`render_face(params)`), stored in
@@ -1336,9 +1332,7 @@ def render_counterfactual(root, file_name, changes):
     return render_face(apply_attr_changes(params, changes))[0]
 
 
-# ------------------------------------------------------------------------------------------------
-# Command line: info, download, bench
-# ------------------------------------------------------------------------------------------------
+# ======== Part 4: the command line: info, download, bench =========================================
 CELEBA_FILES_HELP = """\
 CelebA cannot be downloaded automatically here. Fetch these files by hand from the official page
 (https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html -> the Google Drive folder: 'Img', 'Anno', 'Eval'):
