@@ -301,18 +301,17 @@ def gradient_penalty(critic, img_real, img_fake, alpha):
         return ((grad_norm - 1) ** 2).mean()
 
 
-# Training steps: g and d as the loop runs them (maybe compiled, maybe DDP-wrapped) ---------------
-def d_step(g, d, opt_d, img_real, attr_src, attr_tgt, alpha, args):
-    """One update of D and C on L_D -> dict of detached scalars (no host sync)."""
+# Training steps: the loop hands each step the networks it runs ----------------------------------
+def d_step(g, d, opt_d, img_real, attr_src, attr_tgt, alpha, args, critic=None):
+    """One update of D and C on L_D -> dict of detached scalars (no host sync). The penalty's double
+    backward goes through `critic`, the eager D the loop hands over (default: d itself)."""
     d.requires_grad_(True)
     with torch.no_grad():
         img_fake = g(img_real, signed(attr_tgt, args.thres_int)).to(img_real.dtype)
     score, attr_logits = d(torch.cat([img_real, img_fake]))  # InstanceNorm is per image: exact
     adv = loss_adv_d(*score.chunk(2))
     cls = loss_cls(attr_logits[:len(img_real)], attr_src)
-    plain = d.module if isinstance(d, DDP) else d  # the penalty's double backward takes the
-    plain = getattr(plain, "_orig_mod", plain)     # plain D: no DDP wrapper, no torch.compile
-    gp = gradient_penalty(lambda x: plain(x)[0], img_real, img_fake, alpha)
+    gp = gradient_penalty(lambda x: (d if critic is None else critic)(x)[0], img_real, img_fake, alpha)
     loss = adv + args.lambda_gp * gp + args.lambda_cls_d * cls
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
@@ -324,11 +323,11 @@ def d_step(g, d, opt_d, img_real, attr_src, attr_tgt, alpha, args):
 
 def g_step(g, d, opt_g, img_real, attr_src, attr_tgt, args):
     """One update of G on L_G -> dict of detached scalars. D is frozen (no gradient is computed
-    for it) and called without its DDP wrapper: it has nothing to synchronise here."""
+    for it); the loop hands it over with nothing to synchronise."""
     d.requires_grad_(False)
     img_fake = g(img_real, signed(attr_tgt, args.thres_int))   # x̂_b, the edit
     img_recon = g(img_real, signed(attr_src, args.thres_int))  # x̂_a, the reconstruction
-    score_fake, logits_fake = (d.module if isinstance(d, DDP) else d)(img_fake)
+    score_fake, logits_fake = d(img_fake)
     adv, cls, rec = loss_adv_g(score_fake), loss_cls(logits_fake, attr_tgt), loss_rec(img_recon, img_real)
     loss = adv + args.lambda_cls_g * cls + args.lambda_rec * rec
     opt_g.zero_grad(set_to_none=True)
@@ -337,15 +336,16 @@ def g_step(g, d, opt_g, img_real, attr_src, attr_tgt, args):
     return {"g_loss": loss.detach(), "g_adv": adv.detach(), "g_cls": cls.detach(), "g_rec": rec.detach()}
 
 
-def train_step(g, d, opt_g, opt_d, step, img_real, attr_src, args, rank=0):
+def train_step(g, d, opt_g, opt_d, step, img_real, attr_src, args, rank=0, d_sync=None, critic=None):
     """Update `step` (0-based) of v1's alternation: G on every (n_d + 1)-th, D otherwise. b and α come
-    from (seed, step, rank): a resumed run and every DDP rank draw what an uninterrupted run would."""
+    from (seed, step, rank): a resumed run and every rank draw what an uninterrupted run would.
+    D's update runs `d_sync` (what synchronises its gradients; default d), its penalty `critic`."""
     rng = torch.Generator(img_real.device).manual_seed((args.seed * 1_000_003 + step) * 1009 + rank)
     attr_tgt = target_attributes(attr_src, rng)
     if (step + 1) % (args.n_d + 1) == 0:
         return g_step(g, d, opt_g, img_real, attr_src, attr_tgt, args)
     alpha = torch.rand(len(img_real), 1, 1, 1, device=img_real.device, generator=rng)
-    return d_step(g, d, opt_d, img_real, attr_src, attr_tgt, alpha, args)
+    return d_step(g, d if d_sync is None else d_sync, opt_d, img_real, attr_src, attr_tgt, alpha, args, critic)
 
 
 # Sampling and editing ----------------------------------------------------------------------------
@@ -482,10 +482,10 @@ def train(args):
                          f"expected a larger --steps or --epochs")
     channels_last = device.type == "cuda"  # faster convolutions on tensor cores
     g, d = (m.to(memory_format=torch.channels_last) if channels_last else m for m in (g, d))
-    g_run, d_run = (torch.compile(g), torch.compile(d)) if args.compile else (g, d)
-    if world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        g_run, d_run = DDP(g_run, device_ids=ids), DDP(d_run, device_ids=ids)
+    # Wrapped once: G's step calls d_fast (nothing to sync), D's update d_run, the penalty the eager d.
+    g_run, d_fast = (torch.compile(g), torch.compile(d)) if args.compile else (g, d)
+    ids = [device.index] if device.type == "cuda" else None
+    g_run, d_run = (DDP(g_run, device_ids=ids), DDP(d_fast, device_ids=ids)) if world_size > 1 else (g_run, d_fast)
     if is_main:
         trim_jsonl(out / "metrics.jsonl", start)
         print(f"AttGAN {args.img_size} px, {', '.join(names)}; {len(data.images)} training images; "
@@ -502,7 +502,7 @@ def train(args):
         for group in [*opt_g.param_groups, *opt_d.param_groups]:
             group["lr"] = lr
         with autocast(device, args.amp):
-            stats = train_step(g_run, d_run, opt_g, opt_d, step, img_real, attr_src, args, rank)
+            stats = train_step(g_run, d_fast, opt_g, opt_d, step, img_real, attr_src, args, rank, d_run, d)
         # TRY NOT TO MODIFY: logging, samples and checkpoints (rank 0 writes).
         for key, value in stats.items():  # detached tensors: no host sync until a log step
             totals.setdefault(key, []).append(value)
