@@ -340,6 +340,7 @@ def get_classifier(args, data, val, pairs, device):
     now on both photos of the training pairs and saved with its key. A stage 1 that a signal stopped
     saved its step and optimizer there: the same command continues it."""
     path, key = Path(args.classifier or Path(args.out) / "classifier.pt"), classifier_key(args, data)
+    stopped = None  # a stage 1 that a signal stopped, to continue
     if path.is_file():
         saved = (state := load_checkpoint(path)).get("key", {})
         differ = [k for k in key if saved.get(k) != key[k]]
@@ -351,17 +352,17 @@ def get_classifier(args, data, val, pairs, device):
             raise InputError(f"--classifier {path} was trained with {why}")
         print(f"{path} stopped at step {state['step']}: continuing it" if not differ else
               f"{path} was trained with {why}: training a new classifier")
+        stopped = None if differ else state
     elif args.classifier:
         raise InputError(f"--classifier {path}: no such file (leave it out to train one)")
     torch.manual_seed(args.seed)
     classifier = build_models(dataclasses.asdict(args), len(data.attr_names))[2].to(device)
     optimizer = torch.optim.Adam(classifier.parameters(), lr=args.cls_lr, weight_decay=args.weight_decay)
-    state = state if path.is_file() and not differ else None  # a stage 1 that a signal stopped
-    for module, name in ((classifier, "classifier"), (optimizer, "optimizer")) if state else ():
-        module.load_state_dict(state[name])
+    for module, name in ((classifier, "classifier"), (optimizer, "optimizer")) if stopped else ():
+        module.load_state_dict(stopped[name])
     seen, amp_ctx = data.labels[pairs.flatten()], lambda: autocast(device, args.amp)  # labels C is shown
     pos_weight = (len(seen) / seen.sum(0).clamp_min(1) - 1).clamp(1.0, 50.0).to(device)  # neg/pos, in [1, 50]
-    for step, stop in training_steps(state["step"] if state else 0, args.cls_steps, path, resume=False):
+    for step, stop in training_steps(stopped["step"] if stopped else 0, args.cls_steps, path, resume=False):
         chosen = pairs[common.batch_indices(len(pairs), step, args.batch_size, args.seed + 1)]
         stats = classifier_step(classifier, optimizer, *pair_tensors(data, chosen, device), pos_weight, amp_ctx)
         if stop:  # the next run with the same settings continues from here
@@ -760,11 +761,12 @@ def training_steps(start, end, ckpt, resume=True):
     previous = {n: signal.signal(n, lambda number, _: caught.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in range(start, end):
-            stop = torch.tensor(float(bool(caught)), device="cuda" if ddp and torch.distributed.get_backend()
-                                == "nccl" else "cpu")
-            if ddp:
-                torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX)
-            yield step, bool(stop)
+            stop = bool(caught)
+            if ddp:  # one rank's signal stops them all
+                flag = torch.tensor(float(stop), device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+                torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+                stop = bool(flag)
+            yield step, stop
             if stop:
                 break
     finally:

@@ -741,11 +741,12 @@ def training_steps(start, end, ckpt, resume=True):
     previous = {n: signal.signal(n, lambda number, _: caught.append(number)) for n in (signal.SIGINT, signal.SIGTERM)}
     try:
         for step in range(start, end):
-            stop = torch.tensor(float(bool(caught)), device="cuda" if ddp and torch.distributed.get_backend()
-                                == "nccl" else "cpu")
-            if ddp:
-                torch.distributed.all_reduce(stop, torch.distributed.ReduceOp.MAX)
-            yield step, bool(stop)
+            stop = bool(caught)
+            if ddp:  # one rank's signal stops them all
+                flag = torch.tensor(float(stop), device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+                torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+                stop = bool(flag)
+            yield step, stop
             if stop:
                 break
     finally:
